@@ -1,0 +1,103 @@
+"""Command line: argument parsing only. Maps UserError -> exit 2, ClusterError -> exit 3, interrupt -> 130."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mnist_kmeans.config import DEFAULT_SOURCE, DEFAULT_STORE
+from mnist_kmeans.errors import ClusterError, UserError
+
+EXIT_OK, EXIT_USER, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mnist-kmeans", description="Mini-batch k-means over a K grid on a Dask cluster.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ing = sub.add_parser("ingest", help="IDX files -> chunked Zarr store")
+    ing.add_argument("--source", default=DEFAULT_SOURCE, help=f"directory or http(s) base URL (default {DEFAULT_SOURCE})")
+    ing.add_argument("--store", default=DEFAULT_STORE, help=f"store path or URL (default {DEFAULT_STORE})")
+    ing.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default 10000)")
+    ing.add_argument("--force", action="store_true", help="rebuild a complete store")
+
+    run = sub.add_parser("run", help="the distributed K-grid job, then the report")
+    run.add_argument("job", help="job file (jobs/*.yaml)")
+    run.add_argument("--cluster", default=None, help="cluster file (default: ./cluster.yaml if present)")
+    run.add_argument("--scheduler", default=None, help="scheduler address; overrides the cluster file")
+    run.add_argument("--store", default=None, help="store path or URL; overrides the job file")
+    run.add_argument("--out", default=None, help="run directory (default runs/<job-name>-<UTC timestamp>)")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+
+    rep = sub.add_parser("report", help="render report.html again from a run directory, no cluster")
+    rep.add_argument("run_dir")
+
+    aug = sub.add_parser("augment", help="a larger training set of deformed digits, written by the cluster")
+    aug.add_argument("--store", required=True, help="source store")
+    aug.add_argument("--out", required=True, help="new store")
+    aug.add_argument("--rows", required=True, type=int, help="training rows of the new store")
+    aug.add_argument("--seed", type=int, default=0)
+    aug.add_argument("--scheduler", default=None)
+    aug.add_argument("--cluster", default=None)
+    return p
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    # Imports are local so that `--help` and bad arguments answer fast, without importing dask.
+    if args.command == "ingest":
+        from mnist_kmeans.data.ingest import ingest
+
+        ingest(args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=_err)
+    elif args.command == "run":
+        from mnist_kmeans.run import run_job
+
+        report = run_job(
+            args.job,
+            cluster_file=args.cluster,
+            scheduler=args.scheduler,
+            store=args.store,
+            out=args.out,
+            resume=args.resume,
+            argv=sys.argv,
+        )
+        print(report)
+    elif args.command == "report":
+        from mnist_kmeans.report.html import render_report
+
+        print(render_report(args.run_dir))
+    elif args.command == "augment":
+        from mnist_kmeans.data.augment import augment_command
+
+        augment_command(args)
+    return EXIT_OK
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except UserError as exc:
+        _err(f"error: {_one_line(exc)}")
+        return EXIT_USER
+    except ClusterError as exc:
+        _err(f"cluster error: {_one_line(exc)}")
+        return EXIT_CLUSTER
+    except KeyboardInterrupt:
+        _err("interrupted: finished work is kept; continue with --resume RUN_DIR")
+        return EXIT_INTERRUPTED
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,256 @@
+"""Job and cluster configuration: YAML files -> small frozen dataclasses, validated once, at the edge.
+
+Every problem is a :class:`~mnist_kmeans.errors.UserError` whose one-line message names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnist_kmeans.errors import UserError
+
+DEFAULT_STORE = "data/mnist.zarr"
+DEFAULT_SOURCE = "data/mnist"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One K-grid job (``jobs/*.yaml``). Defaults are the project's best settings for MNIST (see README)."""
+
+    name: str
+    k_grid: tuple[int, ...]
+    store: str = DEFAULT_STORE
+    epochs: int = 3
+    batch_size: int = 1024
+    n_init: int = 1
+    seed: int = 0
+    centroid_grids: tuple[int, ...] = (36,)
+
+    @property
+    def slug(self) -> str:
+        """The job name made safe for a directory name (the name itself may hold any text)."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-.") or "job"
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The job as resolved, in the job file's own shape (written to ``job.yaml`` of the run)."""
+        return {
+            "name": self.name,
+            "store": self.store,
+            "k_grid": list(self.k_grid),
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "n_init": self.n_init,
+            "seed": self.seed,
+            "report": {"centroid_grids": list(self.centroid_grids)},
+        }
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Files for ``distributed.Security``; all three are needed to join a TLS cluster."""
+
+    ca_file: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class LocalClusterConfig:
+    """Arguments of the embedded ``distributed.LocalCluster``."""
+
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str = "4GiB"
+    dashboard_address: str = "127.0.0.1:8787"
+    processes: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where a job runs: an address of a running scheduler, or the embedded LocalCluster (address ``None``)."""
+
+    scheduler: str | None = None
+    connect_timeout: float = 10.0
+    local: LocalClusterConfig = field(default_factory=LocalClusterConfig)
+    tls: TLSConfig | None = None
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; any failure is a one-line UserError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise UserError(f"{path}: not valid YAML{line}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must hold a YAML mapping of keys, found {type(data).__name__}")
+    return data
+
+
+class _Checker:
+    """Typed access to one mapping of a config file, with errors that name ``file: key``."""
+
+    def __init__(self, path: str | Path, data: dict[str, Any], prefix: str = ""):
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def fail(self, key: str, what: str) -> UserError:
+        return UserError(f"{self.path}: {self.prefix}{key}: {what}")
+
+    def reject_unknown(self, allowed: set[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                raise UserError(f"{self.path}: {self.prefix}{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def require(self, key: str) -> Any:
+        if key not in self.data or self.data[key] is None:
+            raise self.fail(key, "missing (required)")
+        return self.data[key]
+
+    def int(self, key: str, default: int | None = None, minimum: int | None = None, maximum: int | None = None) -> int:
+        value = self.data.get(key, default) if default is not None else self.require(key)
+        return self.check_int(key, value, minimum, maximum)
+
+    def check_int(self, key: str, value: Any, minimum: int | None, maximum: int | None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be <= {maximum}, got {value}")
+        return value
+
+    def str(self, key: str, default: str | None = None) -> str | None:
+        value = self.data.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def mapping(self, key: str) -> _Checker:
+        value = self.data.get(key, {})
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a mapping, got {type(value).__name__}")
+        return _Checker(self.path, value, f"{self.prefix}{key}.")
+
+    def int_list(self, key: str, default: list[int] | None = None, minimum: int | None = None, maximum: int | None = None) -> tuple[int, ...]:
+        value = self.data.get(key, default) if default is not None else self.require(key)
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"must be a non-empty list of integers, got {value!r}")
+        out = tuple(self.check_int(key, v, minimum, maximum) for v in value)
+        if len(set(out)) != len(out):
+            raise self.fail(key, f"holds a value twice: {list(out)}")
+        return out
+
+
+# Bounds that catch typos before they cost a cluster hours; far above anything MNIST-sized needs.
+MAX_K = 65_536
+MAX_EPOCHS = 10_000
+MAX_BATCH = 10_000_000
+MAX_N_INIT = 1_000
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read and validate a job file. Checks that need the data (K <= n_train) happen when the store is open."""
+    c = _Checker(path, read_yaml_mapping(path))
+    c.reject_unknown({"name", "store", "k_grid", "epochs", "batch_size", "n_init", "seed", "report"})
+    name = c.str("name") or ""
+    if not name:
+        raise c.fail("name", "missing (required)")
+    if len(name) > 200:
+        raise c.fail("name", "longer than 200 characters")
+    k_grid = tuple(sorted(c.int_list("k_grid", minimum=2, maximum=MAX_K)))
+    report = c.mapping("report")
+    report.reject_unknown({"centroid_grids"})
+    default_grids = [k for k in JobConfig.centroid_grids if k in k_grid] or [k_grid[0]]
+    grids = report.int_list("centroid_grids", default=default_grids, minimum=2, maximum=MAX_K)
+    for k in grids:
+        if k not in k_grid:
+            raise report.fail("centroid_grids", f"K={k} is not in k_grid {list(k_grid)}")
+    return JobConfig(
+        name=name,
+        k_grid=k_grid,
+        store=c.str("store", DEFAULT_STORE),
+        epochs=c.int("epochs", JobConfig.epochs, minimum=1, maximum=MAX_EPOCHS),
+        batch_size=c.int("batch_size", JobConfig.batch_size, minimum=1, maximum=MAX_BATCH),
+        n_init=c.int("n_init", JobConfig.n_init, minimum=1, maximum=MAX_N_INIT),
+        seed=c.int("seed", JobConfig.seed, minimum=0, maximum=2**32 - 1),
+        centroid_grids=grids,
+    )
+
+
+def with_overrides(job: JobConfig, **overrides: Any) -> JobConfig:
+    """Command-line options that a job file also sets override it (``None`` means not given)."""
+    return dataclasses.replace(job, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_cluster(path: str | Path | None) -> ClusterConfig:
+    """Read ``cluster.yaml``; a missing default file means the built-in LocalCluster defaults."""
+    if path is None:
+        return ClusterConfig()
+    c = _Checker(path, read_yaml_mapping(path))
+    c.reject_unknown({"scheduler", "connect_timeout", "local", "tls"})
+    scheduler = c.str("scheduler")
+    if scheduler is not None and "://" not in scheduler:
+        raise c.fail("scheduler", f"must be an address such as tcp://HOST:8786, got {scheduler!r}")
+    timeout = c.data.get("connect_timeout", ClusterConfig.connect_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise c.fail("connect_timeout", f"must be a positive number of seconds, got {timeout!r}")
+    lc = c.mapping("local")
+    lc.reject_unknown({f.name for f in dataclasses.fields(LocalClusterConfig)})
+    d = LocalClusterConfig()
+    processes = lc.data.get("processes", d.processes)
+    if not isinstance(processes, bool):
+        raise lc.fail("processes", f"must be true or false, got {processes!r}")
+    memory_limit = lc.data.get("memory_limit", d.memory_limit)
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, (str, int)):
+        raise lc.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}")
+    if isinstance(memory_limit, str):
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(memory_limit)
+        except (ValueError, TypeError):
+            raise lc.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}") from None
+    local = LocalClusterConfig(
+        n_workers=lc.int("n_workers", d.n_workers, minimum=1, maximum=1024),
+        threads_per_worker=lc.int("threads_per_worker", d.threads_per_worker, minimum=1, maximum=1024),
+        memory_limit=str(memory_limit),
+        dashboard_address=lc.str("dashboard_address", d.dashboard_address),
+        processes=processes,
+    )
+    tls = None
+    if c.data.get("tls") is not None:
+        t = c.mapping("tls")
+        t.reject_unknown({"ca_file", "cert", "key"})
+        base = Path(path).parent
+        files = {}
+        for key in ("ca_file", "cert", "key"):
+            value = t.str(key)
+            if value is None:
+                raise t.fail(key, "missing (required when tls is set)")
+            resolved = Path(value) if Path(value).is_absolute() else base / value
+            if not resolved.is_file():
+                raise t.fail(key, f"file not found: {resolved}")
+            files[key] = str(resolved)
+        tls = TLSConfig(**files)
+    return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls)
