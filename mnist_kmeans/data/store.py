@@ -163,3 +163,34 @@ def clear_cache() -> None:
     with _cache_lock:
         _cache.clear()
         _cache_size = 0
+
+
+# --- the write side (ingest, augment) -----------------------------------------------------------------------------
+# Blosc LZ4HC, level 5, no shuffle (values are single bytes). Measured on one 10,000-row MNIST chunk read through
+# zarr: ~5 ms to read and decode, 1.9 MB; Zstd level 1: ~12 ms, 1.6 MB; Zstd level 3 (zarr's default): ~15 ms;
+# uncompressed: ~3 ms, 7.8 MB. Workers decode every chunk again and again, ingest writes it once: decoding speed
+# wins, and LZ4HC keeps the store a quarter of its raw size for remote readers.
+COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4hc", clevel=5, shuffle="noshuffle"),)
+
+
+def create_store(url: str, attributes: dict[str, Any], overwrite: bool = False) -> zarr.Group:
+    """A new group at ``url`` holding ``attributes``, marked ``complete: false`` until :func:`mark_complete`."""
+    attrs = {"format": FORMAT, **attributes, "complete": False}
+    return zarr.create_group(store=str(url), zarr_format=3, attributes=attrs, overwrite=overwrite)
+
+
+def create_split(group: zarr.Group, split: str, n_rows: int, n_features: int, chunk_rows: int) -> tuple[zarr.Array, zarr.Array]:
+    """The empty ``images`` and ``labels`` arrays of one split, chunked by rows as the layout above says."""
+    images = group.create_array(
+        f"{split}/images", shape=(n_rows, n_features), chunks=(chunk_rows, n_features), dtype="uint8",
+        compressors=COMPRESSORS, fill_value=0,
+    )
+    labels = group.create_array(
+        f"{split}/labels", shape=(n_rows,), chunks=(chunk_rows,), dtype="uint8", compressors=COMPRESSORS, fill_value=0
+    )
+    return images, labels
+
+
+def mark_complete(group: zarr.Group, attributes: dict[str, Any]) -> None:
+    """Add the final ``attributes`` and ``complete: true`` in one write of ``zarr.json``; call after every chunk."""
+    group.attrs.update({**attributes, "complete": True})

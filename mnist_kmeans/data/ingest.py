@@ -1,0 +1,336 @@
+"""IDX files -> the Zarr store of SPEC "The store", streamed one chunk at a time.
+
+An ingest:
+
+1. opens the source's four files and checks their headers (counts of images and labels agree per split, training
+   and test images have one size) before anything is written;
+2. looks at the target: nothing there, a store of this format (complete or not), or anything else (refused);
+3. with a complete store there and no ``force``, reads the source once for its md5 sums: the same sums are a no-op
+   that writes nothing, other sums an error that asks for ``--force``;
+4. otherwise streams every file into a new store, a chunk at a time (memory: one chunk), checks each file's md5
+   as it ends, and writes ``complete: true`` last. A local store is built in a sibling directory
+   ``<store>.tmp-<hex>`` and renamed into place only once complete, so an error or a kill leaves what was there
+   untouched; the next ingest removes the leftovers. A remote store (URL) is written in place: until its last
+   attribute is written it is incomplete, which ``open_store`` refuses, and the next ingest rebuilds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from mnist_kmeans.data.idx import IdxReader
+from mnist_kmeans.data.sources import SPLIT_FILES, Source, open_source
+from mnist_kmeans.data.store import (
+    DEFAULT_CHUNK_ROWS,
+    FORMAT,
+    StoreInfo,
+    create_split,
+    create_store,
+    is_remote,
+    mark_complete,
+    open_store,
+    read_attrs,
+)
+from mnist_kmeans.errors import UserError
+
+Log = Callable[[str], None]
+# A chunk is what a worker decodes and then holds as float32 (4x its bytes): 1 GiB of uint8 is far beyond any sane
+# choice, and stays below Blosc's 2 GiB limit per buffer.
+MAX_CHUNK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the headers say about the data set: one image size, the rows of each split."""
+
+    image_shape: tuple[int, int]
+    n_rows: dict[str, int]
+
+    @property
+    def n_features(self) -> int:
+        return self.image_shape[0] * self.image_shape[1]
+
+
+def ingest(source: str, store: str, chunk_rows: int | None = None, force: bool = False, log: Log = print) -> StoreInfo:
+    """Write the IDX files of ``source`` into the Zarr store ``store``; return the complete store's description.
+
+    Parameters
+    ----------
+    source : str
+        A directory or an http(s) base URL holding the four standard IDX files, raw or ``.gz``.
+    store : str
+        Path or URL of the store to write.
+    chunk_rows : int or None, default=None
+        Rows per chunk; ``None`` means :data:`~mnist_kmeans.data.store.DEFAULT_CHUNK_ROWS` for a new store, and any
+        chunk size for a store that is already complete.
+    force : bool, default=False
+        Rebuild a complete store even when it holds other data or another chunk size.
+    log : callable, default=print
+        Receives one line per step (the command line sends them to stderr), once the ingest has succeeded.
+
+    Raises
+    ------
+    UserError
+        For every fault of the source or the target (exit code 2); what existed at the target is left untouched,
+        except that a remote store being rebuilt is overwritten in place.
+    """
+    store = str(store)
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise UserError(f"--chunk-rows: must be a positive integer, got {chunk_rows!r}")
+    # An error must be the only line on stderr (SPEC "Exit codes"): progress lines wait until the ingest succeeded.
+    progress: list[str] = []
+    info = _ingest(source, store, chunk_rows, force, progress.append)
+    for line in progress:
+        log(line)
+    return info
+
+
+def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log) -> StoreInfo:
+    local = _local_path(store)
+    existing = _existing_store(store, local)
+    with open_source(source) as src:
+        layout = _check_layout(src)
+        rows = chunk_rows or DEFAULT_CHUNK_ROWS
+        _check_chunk_bytes(src, layout, rows)
+        if existing is not None and existing.get("complete") is True and not force:
+            return _keep_existing(store, src, chunk_rows, log)
+        if existing is not None:
+            why = "--force" if existing.get("complete") is True else "it is incomplete"
+            log(f"ingest: rebuilding {store} ({why})")
+        with _staging(local, store, log) as target:
+            _write(target, src, layout, rows, overwrite=local is None and existing is not None, log=log, name=store)
+    info = open_store(store)
+    h, w = info.image_shape
+    log(
+        f"ingest: wrote {store}: {info.n_train} training and {info.n_test} test images of {h}x{w}, "
+        f"{info.n_classes} classes, chunks of {info.chunk_rows} rows"
+    )
+    return info
+
+
+# --- checks before anything is written ------------------------------------------------------------------------------
+
+
+def _check_layout(src: Source) -> _Layout:
+    """Image and label counts agree per split, every split has rows, and all images have one size."""
+    n_rows, item_shapes = {}, {}
+    for split, (images_name, labels_name) in SPLIT_FILES.items():
+        images, labels = src.readers[images_name], src.readers[labels_name]
+        n = images.header.n_items
+        if n == 0:
+            raise UserError(f"{images.name}: holds no images")
+        if labels.header.n_items != n:
+            raise UserError(f"{labels.name}: holds {labels.header.n_items} labels, but {images.name} holds {n} images")
+        n_rows[split], item_shapes[split] = n, images.header.shape[1:]
+    if item_shapes["test"] != item_shapes["train"]:
+        test = src.readers[SPLIT_FILES["test"][0]]
+        raise UserError(
+            f"{test.name}: images are {_hxw(item_shapes['test'])}, the training images are {_hxw(item_shapes['train'])}"
+        )
+    h, w = item_shapes["train"]
+    return _Layout((h, w), n_rows)
+
+
+def _check_chunk_bytes(src: Source, layout: _Layout, rows: int) -> None:
+    if layout.n_features > MAX_CHUNK_BYTES:
+        raise UserError(f"{src.readers[SPLIT_FILES['train'][0]].name}: images of {_hxw(layout.image_shape)} are too large")
+    if rows * layout.n_features > MAX_CHUNK_BYTES:
+        raise UserError(
+            f"--chunk-rows {rows}: chunks of {rows} images of {_hxw(layout.image_shape)} exceed "
+            f"{MAX_CHUNK_BYTES >> 20} MiB; choose at most {MAX_CHUNK_BYTES // layout.n_features} rows"
+        )
+
+
+def _hxw(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _local_path(store: str) -> Path | None:
+    """The absolute path of a local store (``file://`` included), ``None`` for a remote one."""
+    if store.startswith("file://"):
+        return Path(os.path.abspath(store[len("file://") :]))
+    return None if is_remote(store) else Path(os.path.abspath(store))
+
+
+def _existing_store(store: str, local: Path | None) -> dict[str, Any] | None:
+    """The attributes of the mnist-kmeans store at the target, ``None`` when the target is free; refuse the rest."""
+    nonempty_dir = False
+    if local is not None and local.exists():
+        if not local.is_dir():
+            raise UserError(f"{store}: exists and is not a directory; will not overwrite it")
+        nonempty_dir = any(local.iterdir())
+        if not nonempty_dir:
+            return None
+    attrs = read_attrs(store)
+    if attrs is None:
+        if nonempty_dir:
+            raise UserError(f"{store}: exists and is not an mnist-kmeans store; will not overwrite it")
+        return None
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{store}: holds a Zarr group of format {attrs.get('format')!r}, not {FORMAT!r}; will not overwrite it")
+    return attrs
+
+
+# --- no-op or refuse ------------------------------------------------------------------------------------------------
+
+
+def _keep_existing(store: str, src: Source, chunk_rows: int | None, log: Log) -> StoreInfo:
+    """A complete store is there and no ``force``: succeed without writing if it holds this very data."""
+    info = open_store(store)
+    if chunk_rows is not None and chunk_rows != info.chunk_rows:
+        raise UserError(
+            f"{store}: a complete store with chunks of {info.chunk_rows} rows is there; "
+            f"use --force to rebuild it with --chunk-rows {chunk_rows}"
+        )
+    for name, reader in src.readers.items():
+        _copy(reader, DEFAULT_CHUNK_ROWS)
+        if _finish_file(src, name, log) != info.md5.get(name):
+            raise UserError(
+                f"{store}: holds a complete store of other data (from {info.source}; {name} differs); "
+                "use --force to replace it"
+            )
+    log(f"ingest: {store} already holds this data (same md5 sums); nothing to do")
+    return info
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+
+
+def _write(target: str, src: Source, layout: _Layout, rows: int, overwrite: bool, log: Log, name: str) -> None:
+    """Stream the four files into a new store at ``target`` (``name`` in messages); ``complete: true`` comes last."""
+    attrs = {
+        "source": src.location,
+        "image_shape": list(layout.image_shape),
+        "chunk_rows": rows,
+        "ingest_id": uuid.uuid4().hex,  # new on every build: caches of chunks key on it
+    }
+    try:
+        group = create_store(target, attrs, overwrite=overwrite)
+        md5, top_label = {}, 0
+        for split, (images_name, labels_name) in SPLIT_FILES.items():
+            images, labels = create_split(group, split, layout.n_rows[split], layout.n_features, rows)
+            _copy(src.readers[images_name], rows, images)
+            md5[images_name] = _finish_file(src, images_name, log)
+            top_label = max(top_label, _copy(src.readers[labels_name], rows, labels))
+            md5[labels_name] = _finish_file(src, labels_name, log)
+        # Labels index the classes (label maps, confusion matrices): n_classes is the largest label + 1.
+        mark_complete(group, {"md5": md5, "n_classes": top_label + 1})
+    except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
+        raise UserError(f"{name}: cannot write the store: {exc}") from None
+
+
+def _copy(reader: IdxReader, rows: int, array: zarr.Array | None = None) -> int:
+    """Read a file to its end, ``rows`` items at a time, writing block i to chunk i of ``array`` when one is given.
+
+    Blocks match chunks one to one, so every chunk is written once, whole. Returns the largest value read.
+    """
+    top = 0
+    for i, block in enumerate(reader.blocks(rows)):
+        if array is not None:
+            array[i * rows : i * rows + len(block)] = block
+        top = max(top, int(block.max()))
+    return top
+
+
+def _finish_file(src: Source, name: str, log: Log) -> str:
+    """Check the md5 of a file read to its end against the source's known sums; log it; return it."""
+    reader = src.readers[name]
+    status = src.check_md5(name, reader.md5)
+    log(f"ingest: {name} {reader.header.describe()} {status}")
+    return reader.md5
+
+
+# --- where a store is built -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _staging(local: Path | None, store: str, log: Log) -> Iterator[str]:
+    """Yield where to build the new store; on success, put it in place of the old one.
+
+    A remote store is built in place. A local one is built in ``<store>.tmp-<hex>``, which holds an exclusive
+    ``flock`` while in use: the kernel drops it when its process dies, even by SIGKILL, so a later ingest can tell
+    a leftover from a directory another ingest is still writing.
+    """
+    if local is None:
+        yield store
+        return
+    _remove_leftovers(local, log)
+    tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        lock = os.open(tmp, os.O_RDONLY)
+    except OSError as exc:
+        raise UserError(f"{store}: cannot create the store there: {_why_unwritable(local, exc)}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield str(tmp)
+        _move_into_place(tmp, local)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        os.close(lock)
+
+
+def _why_unwritable(local: Path, exc: OSError) -> str:
+    """The reason to tell: a file where a parent directory should be, else the system's message."""
+    ancestor = local.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a directory"
+    return exc.strerror or str(exc)
+
+
+def _move_into_place(tmp: Path, local: Path) -> None:
+    try:
+        if local.is_dir() and any(local.iterdir()):
+            # The old store goes only now that the new one is complete: aside, swap, delete.
+            old = local.with_name(f"{local.name}.old-{uuid.uuid4().hex}")
+            os.rename(local, old)
+            try:
+                os.rename(tmp, local)
+            except OSError:
+                os.rename(old, local)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, local)  # rename(2) replaces an empty directory
+    except OSError as exc:
+        raise UserError(f"{local}: cannot move the new store into place: {exc.strerror or exc}") from None
+
+
+def _remove_leftovers(local: Path, log: Log) -> None:
+    """Delete the temporary directories that interrupted ingests into ``local`` left behind."""
+    prefix = glob.escape(local.name)
+    for leftover in sorted(local.parent.glob(f"{prefix}.tmp-*")) + sorted(local.parent.glob(f"{prefix}.old-*")):
+        if leftover.is_dir() and (leftover.name.startswith(f"{local.name}.old-") or _unlocked(leftover)):
+            shutil.rmtree(leftover, ignore_errors=True)
+            log(f"ingest: removed {leftover}, left by an interrupted ingest")
+
+
+def _unlocked(path: Path) -> bool:
+    """Whether no live process holds the ``flock`` of directory ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

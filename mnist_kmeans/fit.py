@@ -1,0 +1,174 @@
+"""The map side: one scikit-learn ``MiniBatchKMeans`` per (K, restart), advanced by ``partial_fit`` chunk by chunk.
+
+A *chain* is the sequence of tasks of one (K, restart)::
+
+    init_chain ─▶ fit_chunk(c₃) ─▶ fit_chunk(c₀) ─▶ … ─▶ fit_chunk(cₙ)   epoch 1, chunks in a seeded order
+                                                    ─▶ fit_chunk(…)   … epoch 2, another seeded order …
+
+Every task reads its chunk from the store on the worker (``store.load_chunk``); only the small
+:class:`ChainState` travels between tasks. Chains are independent, so the scheduler runs all of them at once.
+
+Determinism: every random choice (the init sample, k-means++, the chunk order of an epoch, the row order and the
+random reassignments inside a chunk) is drawn from a seed derived from ``(seed, K, restart, epoch, chunk)``. A
+task's result is therefore a pure function of its inputs: the same job gives the same centroids on any cluster
+shape, after a worker is lost and its tasks are recomputed, and after ``--resume`` from an epoch checkpoint.
+
+This module holds the pure functions that run in tasks; ``run.py`` submits them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
+
+from mnist_kmeans.data.store import StoreInfo, load_chunk
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """What every task of a job needs besides the chain state."""
+
+    batch_size: int
+    seed: int
+    init_size: int | None = None  # rows of the k-means++ sample; None: scikit-learn's rule, max(3 * batch, 3 * K)
+    reassignment_ratio: float = 0.01  # scikit-learn's default
+
+    def init_rows(self, k: int, n_train: int) -> int:
+        rows = self.init_size if self.init_size is not None else max(3 * self.batch_size, 3 * k)
+        return int(min(max(rows, k), n_train))
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """Everything a ``MiniBatchKMeans`` carries from one ``partial_fit`` to the next, as plain arrays.
+
+    This is also what an epoch checkpoint stores (no pickles): restoring it continues the chain exactly.
+    """
+
+    k: int
+    restart: int
+    epoch: int  # epochs completed
+    chunks_done: int  # chunks completed in the current epoch
+    centers: np.ndarray  # float32 (K, n_features)
+    counts: np.ndarray  # float32 (K,): rows seen by each center, scikit-learn's per-center learning rate
+    n_since_last_reassign: int
+    n_steps: int
+
+
+# What a derived seed is for: one stream per purpose, so that no two random choices share a seed.
+SAMPLE, KMEANS_PP, CHUNK_ORDER, ROWS = range(4)
+
+
+def derive_seed(seed: int, purpose: int, *parts: int) -> int:
+    """A 32-bit seed that depends on the job seed, the purpose and every part (K, restart, epoch, chunk)."""
+    return int(np.random.SeedSequence([seed, purpose, *(int(p) for p in parts)]).generate_state(1)[0])
+
+
+def chunk_order(n_chunks: int, seed: int, k: int, restart: int, epoch: int) -> list[int]:
+    """The seeded order in which a chain visits the training chunks in one epoch."""
+    return [int(i) for i in np.random.RandomState(derive_seed(seed, CHUNK_ORDER, k, restart, epoch)).permutation(n_chunks)]
+
+
+def init_sample_rows(n_train: int, n_rows: int, seed: int, k: int, restart: int) -> np.ndarray:
+    """Sorted row indices of the k-means++ sample: drawn without replacement from the whole training split."""
+    rng = np.random.RandomState(derive_seed(seed, SAMPLE, k, restart))
+    return np.sort(rng.choice(n_train, size=n_rows, replace=False))
+
+
+def read_sample(info: StoreInfo, rows: np.ndarray) -> np.ndarray:
+    """The training rows ``rows`` (sorted) as float32, read chunk by chunk through the worker's chunk cache."""
+    parts = []
+    for i, (start, stop) in enumerate(info.chunks("train")):
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            x, _ = load_chunk(info, "train", i)
+            parts.append(x[rows[lo:hi] - start])
+    return np.concatenate(parts)
+
+
+def init_chain(info: StoreInfo, k: int, restart: int, params: FitParams) -> ChainState:
+    """k-means++ on a seeded sample of the training split: the state before the first ``partial_fit``."""
+    rows = init_sample_rows(info.n_train, params.init_rows(k, info.n_train), params.seed, k, restart)
+    # float64: scikit-learn's k-means++ upcasts float32 distances block by block, which is 2x slower on MNIST
+    sample = read_sample(info, rows).astype(np.float64)
+    centers, _ = kmeans_plusplus(sample, k, random_state=derive_seed(params.seed, KMEANS_PP, k, restart))
+    return ChainState(
+        k=k,
+        restart=restart,
+        epoch=0,
+        chunks_done=0,
+        centers=centers.astype(np.float32),
+        counts=np.zeros(k, dtype=np.float32),
+        n_since_last_reassign=0,
+        n_steps=0,
+    )
+
+
+def restore_model(state: ChainState, params: FitParams, random_state: np.random.RandomState) -> MiniBatchKMeans:
+    """A ``MiniBatchKMeans`` in exactly the state ``partial_fit`` left it in (see :func:`snapshot`).
+
+    scikit-learn keeps the mini-batch state in a few attributes that its first ``partial_fit`` creates; setting
+    them from the checkpoint continues the chain as if the estimator had never left memory. The test
+    ``test_fit_core.py::test_restore_continues_exactly`` guards this against scikit-learn changes.
+    """
+    model = MiniBatchKMeans(
+        n_clusters=state.k,
+        init=state.centers,
+        n_init=1,
+        batch_size=params.batch_size,
+        compute_labels=False,  # labels of every batch would double the work; evaluate.py labels everything once
+        reassignment_ratio=params.reassignment_ratio,
+    )
+    model.cluster_centers_ = state.centers.copy()  # a copy: never mutate a task's input
+    model._counts = state.counts.copy()
+    model._n_since_last_reassign = state.n_since_last_reassign
+    model.n_steps_ = state.n_steps
+    model.n_features_in_ = state.centers.shape[1]
+    model._n_features_out = state.k
+    model._batch_size = params.batch_size
+    model._random_state = random_state
+    # One OpenMP thread: workers are one process per core, and a fixed thread count keeps results identical
+    # on every cluster shape.
+    model._n_threads = 1
+    return model
+
+
+def snapshot(model: MiniBatchKMeans, state: ChainState, *, epoch: int, chunks_done: int) -> ChainState:
+    """The :class:`ChainState` of ``model`` after it advanced from ``state``."""
+    return dataclasses.replace(
+        state,
+        epoch=epoch,
+        chunks_done=chunks_done,
+        centers=np.asarray(model.cluster_centers_, dtype=np.float32),
+        counts=np.asarray(model._counts, dtype=np.float32),
+        n_since_last_reassign=int(model._n_since_last_reassign),
+        n_steps=int(model.n_steps_),
+    )
+
+
+def batches(n_rows: int, batch_size: int) -> list[slice]:
+    """Split a chunk into mini-batches of ``batch_size`` rows; a short tail joins the last batch.
+
+    The tail is merged rather than fitted alone: a batch of a few rows would move its centers as much as a full
+    batch does in the first steps.
+    """
+    n_batches = max(1, n_rows // batch_size)
+    bounds = [i * batch_size for i in range(n_batches)] + [n_rows]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def fit_chunk(state: ChainState, info: StoreInfo, chunk: int, n_chunks: int, params: FitParams) -> ChainState:
+    """One task: ``partial_fit`` on the mini-batches of one training chunk, rows in a seeded order."""
+    x, _ = load_chunk(info, "train", chunk)
+    rng = np.random.RandomState(derive_seed(params.seed, ROWS, state.k, state.restart, state.epoch, chunk))
+    x = x[rng.permutation(len(x))]  # a fresh order each epoch: batches differ from one epoch to the next
+    model = restore_model(state, params, rng)
+    for rows in batches(len(x), params.batch_size):
+        model.partial_fit(x[rows])
+    done = state.chunks_done + 1
+    if done == n_chunks:
+        return snapshot(model, state, epoch=state.epoch + 1, chunks_done=0)
+    return snapshot(model, state, epoch=state.epoch, chunks_done=done)

@@ -1,0 +1,328 @@
+"""One job end to end: run directory, store, cluster, fit and evaluation, results, report; and ``--resume``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mnist_kmeans import __version__
+from mnist_kmeans.checkpoint import Checkpoint
+from mnist_kmeans.config import DEFAULT_SOURCE, DEFAULT_STORE, JobConfig, load_cluster, load_job, with_overrides
+from mnist_kmeans.data.store import StoreInfo, is_remote, open_store, read_attrs, read_rows
+from mnist_kmeans.errors import ClusterError, UserError
+from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
+from mnist_kmeans.files import write_atomic, write_json
+from mnist_kmeans.fit import FitParams
+from mnist_kmeans.schedule import ChainResult, FitPlan, Progress, run_chains
+
+GALLERY_SIZE = 32
+
+
+def utc_stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def ensure_store(url: str, log: Any) -> tuple[StoreInfo, float]:
+    """Open the job's store; a missing or unfinished local store is first ingested from ``data/mnist/``."""
+    t0 = time.perf_counter()
+    attrs = read_attrs(url)
+    if attrs is None or attrs.get("complete") is not True:
+        if is_remote(url):
+            return open_store(url), 0.0  # raises the "no store / incomplete" error: we never write a remote store here
+        if attrs is not None and attrs.get("format") not in (None, "mnist-kmeans/1"):
+            return open_store(url), 0.0  # a store of another format: refuse, do not overwrite
+        from mnist_kmeans.data.ingest import ingest
+
+        log(f"no complete store at {url}: ingesting {DEFAULT_SOURCE}/ first")
+        ingest(DEFAULT_SOURCE, url, log=log)
+    return open_store(url), time.perf_counter() - t0
+
+
+def check_job_against_data(job: JobConfig, job_file: str, info: StoreInfo) -> None:
+    for k in job.k_grid:
+        if k > info.n_train:
+            raise UserError(f"{job_file}: k_grid: K={k} is larger than the {info.n_train} training rows of {info.url}")
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import distributed
+    import sklearn
+    import zarr
+
+    try:
+        import dask_ml
+
+        dask_ml_version = dask_ml.__version__
+    except Exception:  # dask-ml is optional at run time
+        dask_ml_version = "not importable"
+    return {
+        "python": platform.python_version(),
+        "mnist_kmeans": __version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "dask_ml": dask_ml_version,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None, info_url: str) -> tuple[Path, bool]:
+    """The run directory and whether it is a resume; refuses anything that would mix or overwrite runs."""
+    if resume:
+        run_dir = Path(resume)
+        saved = run_dir / "job.yaml"
+        if not saved.is_file() or not (run_dir / "centroids.zarr").is_dir():
+            raise UserError(f"{run_dir}: not a run directory to resume (no job.yaml or centroids.zarr)")
+        try:
+            before = yaml.safe_load(saved.read_text())
+        except yaml.YAMLError:
+            raise UserError(f"{saved}: not valid YAML") from None
+        now = job.to_yaml_dict()
+        if not isinstance(before, dict):
+            raise UserError(f"{saved}: must hold a YAML mapping")
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                raise UserError(
+                    f"{saved}: the run was made with {key}={before.get(key)!r}, this job has {key}={now.get(key)!r}; "
+                    "resume with the same job and store, or start a new run"
+                )
+        return run_dir, True
+    run_dir = Path(out) if out else Path("runs") / f"{job.slug}-{utc_stamp()}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir} to continue it)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot create run directory: {exc.strerror or exc}") from None
+    return run_dir, False
+
+
+def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
+    manifest = run_dir / "manifest.json"
+    try:
+        saved = json.loads(manifest.read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{manifest}: missing or unreadable; cannot check that the store is the same") from None
+    if saved.get("ingest_id") != info.ingest_id or saved.get("md5") != info.md5:
+        raise UserError(f"{manifest}: the run was made on another store than {info.url}; resume with the same store")
+
+
+def choose(results: list[ChainResult]) -> dict[int, ChainResult]:
+    """The restart with the lowest training inertia of each K (ties: the lowest restart index)."""
+    best: dict[int, ChainResult] = {}
+    for r in sorted(results, key=lambda r: (r.k, r.restart)):
+        if r.k not in best or r.train.inertia < best[r.k].train.inertia:
+            best[r.k] = r
+    return dict(sorted(best.items()))
+
+
+def results_table(best: dict[int, ChainResult], job: JobConfig) -> tuple[list[dict], dict[str, list], dict]:
+    """metrics.json's ``results``, label_maps.json, and evaluation.json's per-K tables."""
+    rows, maps, tables = [], {}, {}
+    for k, r in best.items():
+        mapping = label_map(r.train.contingency)
+        maps[str(k)] = mapping
+        tables[str(k)] = {"train": r.train.contingency.tolist(), "test": r.test.contingency.tolist()}
+        rows.append(
+            {
+                "k": k,
+                "inertia": r.train.inertia,
+                **cluster_metrics(r.train.contingency),
+                "accuracy_train": accuracy(r.train.contingency, mapping),
+                "accuracy_test": accuracy(r.test.contingency, mapping),
+                "n_empty_clusters": int(sum(m is None for m in mapping)),
+                "epochs": job.epochs,
+                "lloyd_steps": job.lloyd_steps,
+                "n_init": job.restarts(k),
+                "restart": r.restart,
+                "inertia_test": r.test.inertia,
+                "inertia_per_epoch": r.trajectory,
+                "fit_seconds": round(r.fit_seconds, 3),
+            }
+        )
+    return rows, maps, tables
+
+
+def run_job(
+    job_file: str,
+    cluster_file: str | None = None,
+    scheduler: str | None = None,
+    store: str | None = None,
+    out: str | None = None,
+    resume: str | None = None,
+    argv: Sequence[str] = (),
+    log: Any = None,
+) -> Path:
+    """Run a job file end to end and return the path of its report."""
+    t_total = time.perf_counter()
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    job = with_overrides(load_job(job_file), store=store)
+    if cluster_file is None and Path("cluster.yaml").is_file():
+        cluster_file = "cluster.yaml"
+    cluster_cfg = load_cluster(cluster_file)
+    run_dir, resuming = _prepare_run_dir(job, out, resume, job.store)
+    info, ingest_s = ensure_store(job.store, log)
+    check_job_against_data(job, job_file, info)
+    if resuming:
+        _check_same_store(run_dir, info)
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    write_atomic(run_dir / "job.yaml", yaml.safe_dump(job.to_yaml_dict(), sort_keys=False))
+    ckpt = Checkpoint.open(run_dir / "centroids.zarr") if resuming else Checkpoint.create(run_dir / "centroids.zarr", info.image_shape)
+
+    plan = FitPlan(
+        info=info,
+        restarts={k: job.restarts(k) for k in job.k_grid},
+        epochs=job.epochs,
+        lloyd_steps=job.lloyd_steps,
+        params=FitParams(batch_size=job.batch_size, seed=job.seed),
+    )
+    from distributed import performance_report
+
+    from mnist_kmeans.cluster import connect
+
+    t_cluster = time.perf_counter()
+    with connect(cluster_cfg, scheduler) as (client, cinfo):
+        cluster_start_s = time.perf_counter() - t_cluster
+        print(f"dashboard: {cinfo.dashboard}", flush=True)
+        manifest = {
+            "started_utc": started,
+            "command": list(argv),
+            "job_file": str(job_file),
+            "versions": _versions(),
+            "platform": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+            "cluster": cinfo.as_dict(),
+            "data": {
+                "store": info.url,
+                "source": info.source,
+                "md5": info.md5,
+                "ingest_id": info.ingest_id,
+                "n_train": info.n_train,
+                "n_test": info.n_test,
+                "chunk_rows": info.chunk_rows,
+            },
+            "resumed": resuming,
+        }
+        if not resuming:
+            write_json(run_dir / "manifest.json", manifest)
+        t_fit = time.perf_counter()
+        try:
+            with performance_report(filename=str(run_dir / "dask-performance.html"), mode="inline"):
+                chain_results = run_chains(client, plan, ckpt, Progress())
+                best = choose(chain_results)
+                rows, maps, tables = results_table(best, job)
+                best_k = max(rows, key=lambda row: (row["accuracy_train"], -row["k"]))["k"]
+                gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
+        except KeyboardInterrupt:
+            log(f"interrupted: finished epochs are saved; continue with: mnist-kmeans run {job_file} --resume {run_dir}")
+            raise
+        except (UserError, ClusterError):
+            raise
+        except Exception as exc:
+            _raise_cluster_or_data_error(exc, run_dir, job_file)
+            raise
+        t_done = time.perf_counter()
+
+    fit_end = max(r.fit_seconds for r in chain_results) + t_fit
+    for k, r in best.items():
+        ckpt.save_result(k, r.centers, ckpt.epoch_centers(k, r.restart))
+    _write_samples(run_dir, info, gallery, best_k)
+    write_json(run_dir / "label_maps.json", maps)
+    write_json(run_dir / "evaluation.json", {"n_classes": info.n_classes, "best_k": best_k, "contingency": tables})
+    metrics = {
+        "job": job.name,
+        "dataset": {
+            "store": info.url,
+            "n_train": info.n_train,
+            "n_test": info.n_test,
+            "n_classes": info.n_classes,
+            "image_shape": list(info.image_shape),
+        },
+        "results": rows,
+        "best_k": best_k,
+        "inertia_per_epoch_note": (
+            "exact training inertia after each of the epochs mini-batch epochs, then after each full-batch Lloyd step"
+        ),
+        "timings": {
+            "cluster_start_s": round(cluster_start_s, 3),
+            "ingest_s": round(ingest_s, 3),
+            "fit_s": round(min(fit_end, t_done) - t_fit, 3),
+            "evaluate_s": round(max(t_done - fit_end, 0.0), 3),
+            "report_s": 0.0,
+            "total_s": 0.0,
+        },
+        "cluster": {k: v for k, v in cinfo.as_dict().items() if k != "embedded"},
+        "started_utc": started,
+    }
+    if resuming:
+        manifest["resumed_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        write_json(run_dir / "manifest.json", {**json.loads((run_dir / "manifest.json").read_text()), "resumed": manifest})
+    t_report = time.perf_counter()
+    write_json(run_dir / "metrics.json", metrics)
+    from mnist_kmeans.report.html import render_report
+
+    report = render_report(run_dir)
+    metrics["timings"]["report_s"] = round(time.perf_counter() - t_report, 3)
+    metrics["timings"]["total_s"] = round(time.perf_counter() - t_total, 3)
+    write_json(run_dir / "metrics.json", metrics)
+    report = render_report(run_dir)  # again, so that the report shows the final timings
+    return report
+
+
+def _gallery(client: Any, info: StoreInfo, best: ChainResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
+    """The first misclassified test digits of the best model, found on the workers."""
+    futures = [
+        client.submit(misclassified_task, best.centers, mapping, info, j, GALLERY_SIZE, pure=False)
+        for j in range(info.n_chunks("test"))
+    ]
+    images, true, pred = [], [], []
+    for fut in futures:
+        im, t, p = fut.result()
+        images.append(im), true.append(t), pred.append(p)
+        if sum(len(t) for t in true) >= GALLERY_SIZE:
+            break
+    client.cancel(futures)
+    return {
+        "images": np.concatenate(images)[:GALLERY_SIZE],
+        "true": np.concatenate(true)[:GALLERY_SIZE],
+        "pred": np.concatenate(pred)[:GALLERY_SIZE],
+    }
+
+
+def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray], best_k: int) -> None:
+    """``samples.zarr``: the first nine training digits and the misclassified gallery, for the report."""
+    import zarr
+
+    h, w = info.image_shape
+    images, labels = read_rows(info.url, "train", 0, min(9, info.n_train))  # nine rows: fine on the client
+    group = zarr.create_group(store=str(run_dir / "samples.zarr"), zarr_format=3, overwrite=True)
+    group.create_array("train_first", data=images.reshape(-1, h, w), attributes={"labels": [int(v) for v in labels]})
+    group.create_array(
+        "misclassified",
+        data=gallery["images"].reshape(-1, h, w).astype(np.uint8),
+        attributes={"true": [int(v) for v in gallery["true"]], "pred": [int(v) for v in gallery["pred"]], "k": best_k},
+    )
+
+
+def _raise_cluster_or_data_error(exc: Exception, run_dir: Path, job_file: str) -> None:
+    """Turn what a lost cluster raises into a ClusterError that says how to resume."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    if isinstance(exc, (KilledWorker, CommClosedError, FutureCancelledError, OSError, TimeoutError)):
+        raise ClusterError(
+            f"lost the cluster ({type(exc).__name__}: {exc}); finished epochs are saved, continue with: "
+            f"mnist-kmeans run {job_file} --resume {run_dir}"
+        ) from None

@@ -1,0 +1,183 @@
+"""Shared test helpers: where things are, small IDX data sets made on the spot, small stores, the CLI as a subprocess.
+
+Everything here is real: files on disk, Zarr stores written by the package's own ingest, the command line run as a
+child process. The helpers are plain functions (usable from any test module) and are also offered as fixtures.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO_ROOT / "data" / "mnist"
+# The SPEC's four names, split -> (images, labels). Written out here, not imported, so tests state the contract.
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+ALL_IDX_NAMES = tuple(n for pair in IDX_NAMES.values() for n in pair)
+# MNIST's published md5 sums of the uncompressed files.
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+# --- IDX files --------------------------------------------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: magic ``00 00 08 ndim``, big-endian uint32 sizes, then the data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(path: Path, data: bytes, gz: bool = False) -> Path:
+    """Write IDX bytes to ``path`` (``path + '.gz'``, gzip-compressed, when ``gz``); return the file written."""
+    path = Path(str(path) + ".gz") if gz else Path(path)
+    path.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if gz else data)
+    return path
+
+
+@dataclass
+class IdxDataset:
+    """A small data set written as the four IDX files; arrays as written, images ``(n, h, w)``."""
+
+    directory: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    files: dict[str, Path] = field(default_factory=dict)  # standard name -> the file written (raw or .gz)
+    md5: dict[str, str] = field(default_factory=dict)  # standard name -> md5 of the uncompressed bytes
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return (self.train_images, self.train_labels) if split == "train" else (self.test_images, self.test_labels)
+
+
+def write_idx_dataset(
+    directory: Path,
+    n_train: int = 300,
+    n_test: int = 100,
+    h: int = 12,
+    w: int = 9,
+    n_classes: int = 3,
+    seed: int = 0,
+    gz: bool | Collection[str] = False,
+) -> IdxDataset:
+    """Write a small MNIST-format data set into ``directory`` and return it.
+
+    Each class is a random template image plus noise, so the classes are real clusters; every class occurs in both
+    splits when the split has at least ``n_classes`` rows. ``gz``: ``True`` compresses all four files, ``False``
+    none, or a collection of standard names compresses those.
+    """
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(n_classes, h, w))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = IdxDataset(directory, *_split(rng, templates, n_train), *_split(rng, templates, n_test))
+    for split, (images_name, labels_name) in IDX_NAMES.items():
+        for name, array in zip((images_name, labels_name), data.arrays(split)):
+            raw = idx_bytes(array)
+            compress = gz if isinstance(gz, bool) else name in gz
+            data.files[name] = write_idx(directory / name, raw, gz=compress)
+            data.md5[name] = hashlib.md5(raw).hexdigest()
+    return data
+
+
+def _split(rng: np.random.Generator, templates: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.permutation(np.arange(n) % len(templates)).astype(np.uint8)
+    noise = rng.integers(-40, 41, size=(n, *templates.shape[1:]))
+    return np.clip(templates[labels] + noise, 0, 255).astype(np.uint8), labels
+
+
+def write_md5sums(dataset: IdxDataset, overrides: dict[str, str] | None = None) -> Path:
+    """An ``MD5SUMS`` file beside the data set's files (``md5sum`` format), with some sums replaced if asked."""
+    sums = {**dataset.md5, **(overrides or {})}
+    path = dataset.directory / "MD5SUMS"
+    path.write_text("".join(f"{sums[name]}  {name}\n" for name in ALL_IDX_NAMES))
+    return path
+
+
+# --- stores and the command line --------------------------------------------------------------------------------
+
+
+def make_small_store(directory: Path, chunk_rows: int = 64, **dataset_args) -> tuple[str, IdxDataset]:
+    """A complete store of a small data set (see :func:`write_idx_dataset`), made by the package's own ingest."""
+    from mnist_kmeans.data.ingest import ingest
+
+    data = write_idx_dataset(Path(directory) / "idx", **dataset_args)
+    store = str(Path(directory) / "small.zarr")
+    ingest(str(data.directory), store, chunk_rows=chunk_rows, log=lambda line: None)
+    return store, data
+
+
+def run_cli(*args: str, timeout: float = 120, cwd: Path | str = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    """``python -m mnist_kmeans ARGS`` in a child process, output captured as text."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_kmeans", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file below ``root``: relative path -> (bytes, mtime_ns); equal snapshots mean nothing was rewritten."""
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(name="write_idx_dataset")
+def _write_idx_dataset_fixture() -> Callable[..., IdxDataset]:
+    return write_idx_dataset
+
+
+@pytest.fixture
+def small_store(tmp_path: Path) -> tuple[str, IdxDataset]:
+    """A complete store of 300 + 100 images of 12x9, 3 classes, chunks of 64 rows, and the data it holds."""
+    return make_small_store(tmp_path)
+
+
+@pytest.fixture(name="run_cli")
+def _run_cli_fixture() -> Callable[..., subprocess.CompletedProcess[str]]:
+    return run_cli
+
+
+@pytest.fixture
+def http_server() -> Iterator[Callable[[Path], str]]:
+    """``serve(directory) -> base URL``: a real HTTP server on 127.0.0.1 for the test's duration."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve(directory: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the signature of the base class
+        pass
