@@ -181,3 +181,15 @@ def http_server() -> Iterator[Callable[[Path], str]]:
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the signature of the base class
         pass
+
+
+# --- the K-grid fit (tests/test_fit.py, tests/test_run.py) ------------------------------------------------------
+
+# 3,000 + 500 images of 10x10, 5 classes, chunks of 500 rows: six training chunks, one test chunk.
+KGRID_STORE_ARGS = {"chunk_rows": 500, "n_train": 3000, "n_test": 500, "h": 10, "w": 10, "n_classes": 5, "seed": 11}
+
+
+@pytest.fixture(scope="session")
+def kgrid_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdxDataset]:
+    """One store for the whole session (see ``KGRID_STORE_ARGS``) and the data it holds; tests only read it."""
+    return make_small_store(tmp_path_factory.mktemp("kgrid-store"), **KGRID_STORE_ARGS)
