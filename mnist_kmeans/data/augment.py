@@ -40,13 +40,13 @@ is written last, by the client, after every task succeeded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ N_AFFINE = 5  # uniforms per row for the affine part: rotation, log-scale, shear
 MAX_SEED = 2**32 - 1  # the bound of job seeds (config.py)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DeformParams:
     """Strength of the random deformation; lengths in pixels of a 28 x 28 image (scaled to other sizes).
 
@@ -261,7 +261,7 @@ def source_rows(start: int, stop: int, n_train: int) -> np.ndarray:
 # --- tasks: run on the workers, each writes one whole chunk ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything that the tasks and the client need: checked inputs, where the store goes."""
 
@@ -273,9 +273,10 @@ class _Plan:
     params: DeformParams
     overwrite: bool  # a remote --out holds an incomplete store: rebuild it in place
 
-    def train_chunks(self) -> list[tuple[int, int]]:
+    def train_chunks(self) -> Iterator[tuple[int, int]]:
+        """Row bounds of each chunk of the new training split, lazily: there may be many."""
         r = self.source.chunk_rows
-        return [(s, min(s + r, self.rows)) for s in range(0, self.rows, r)]
+        return ((s, min(s + r, self.rows)) for s in range(0, self.rows, r))
 
 
 def _read_source(info: StoreInfo, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -387,26 +388,29 @@ def _check(store: str, out: str, rows: int, seed: int, params: DeformParams = DE
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
     store, out = str(store), str(out)
+    source = open_store(store)  # messages name the store as the user wrote it
     src_local = _local_path(store)
-    # Workers may run elsewhere (another cwd): hand them absolute paths.
-    source = open_store(str(src_local) if src_local is not None else store)
+    if src_local is not None:  # workers may run in another directory: hand them an absolute path
+        source = dataclasses.replace(source, url=str(src_local))
     local = _local_path(out)
-    if _same_or_inside(out, local, store, src_local):
-        raise UserError(f"--out {out}: is the source store --store {store} (or inside it); choose another path")
+    where = _same_or_inside(out, local, store, src_local)
+    if where:
+        raise UserError(f"--out {out}: is {where} the source store --store {store}; choose another path")
     existing = _existing_store(out, local)
     if existing is not None and existing.get("complete") is True:
         raise UserError(f"--out {out}: a complete store is already there; will not overwrite it (remove it first)")
     return _Plan(source, out, local, rows, seed, params, overwrite=local is None and existing is not None)
 
 
-def _same_or_inside(out: str, out_local: Path | None, store: str, src_local: Path | None) -> bool:
-    if out_local is not None and src_local is not None:
+def _same_or_inside(out: str, out_local: Path | None, store: str, src_local: Path | None) -> str | None:
+    """``"the same as"`` or ``"inside"`` when ``out`` would overwrite or sit in the source store, else ``None``."""
+    if out_local is not None and src_local is not None:  # symlinks and ./ spellings resolved
         o, s = Path(os.path.realpath(out_local)), Path(os.path.realpath(src_local))
-        return o == s or o.is_relative_to(s)
+        return "the same as" if o == s else "inside" if o.is_relative_to(s) else None
     if out_local is None and src_local is None:
         o, s = out.rstrip("/"), store.rstrip("/")
-        return o == s or o.startswith(s + "/")
-    return False
+        return "the same as" if o == s else "inside" if o.startswith(s + "/") else None
+    return None
 
 
 def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
@@ -427,7 +431,7 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
             "rows": plan.rows,
             "seed": plan.seed,
             "mapping": "row i is a deformation of source training row i % n_train, with its label",
-            "deformation": {"method": "elastic (Simard 2003) + affine + shift, bilinear", **asdict(plan.params)},
+            "deformation": {"method": "elastic (Simard 2003) + affine + shift, bilinear", **dataclasses.asdict(plan.params)},
             "rows_per_stream": ROWS_PER_STREAM,
         },
     }
@@ -462,7 +466,7 @@ def _run_tasks(client: Any, tasks: Iterator[tuple[str, Callable[..., int], tuple
     """Run the tasks with a bounded window in flight; raise on the first failure, cancelling the rest."""
     from distributed import as_completed
 
-    total = len(plan.train_chunks()) + plan.source.n_chunks("test")
+    total = -(-plan.rows // plan.source.chunk_rows) + plan.source.n_chunks("test")
     threads = sum(client.nthreads().values()) or 1
     window = max(8, 4 * threads)  # enough to keep every thread busy while results come back; O(1) in --rows
 
@@ -500,8 +504,8 @@ def _reraise(exc: BaseException, plan: _Plan) -> None:
         raise ClusterError(f"lost the cluster while writing {plan.out} ({type(exc).__name__}: {exc}); run augment again") from None
     if isinstance(exc, (OSError, zarr.errors.GroupNotFoundError)):
         raise UserError(
-            f"{plan.out}: a worker cannot write the new store ({type(exc).__name__}: {exc}); "
-            "every worker must reach both stores (a shared file system or a URL)"
+            f"{plan.out}: a worker cannot read {plan.source.url} or write the new store ({type(exc).__name__}: "
+            f"{exc}); every worker must reach both stores (a shared file system or a URL)"
         ) from None
 
 

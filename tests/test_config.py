@@ -1,0 +1,281 @@
+"""Job and cluster files: ``load_job`` / ``load_cluster`` defaults and validation, one row of a table per case.
+
+Every problem is a UserError of one line that names the file and the key at fault (SPEC "Exit codes": exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mnist_kmeans.config import (
+    DEFAULT_STORE,
+    ClusterConfig,
+    JobConfig,
+    LocalClusterConfig,
+    load_cluster,
+    load_job,
+    with_overrides,
+)
+from mnist_kmeans.errors import UserError
+
+MINIMAL = "name: j\nk_grid: [3, 6]\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "file.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def assert_user_error(exc: pytest.ExceptionInfo[UserError], path: Path, *words: str) -> None:
+    message = str(exc.value)
+    assert "\n" not in message, message
+    assert str(path) in message, message
+    for word in words:
+        assert word in message, (word, message)
+
+
+# --- job files ---------------------------------------------------------------------------------------------------
+
+
+def test_job_defaults(tmp_path: Path) -> None:
+    job = load_job(write(tmp_path, MINIMAL))
+    assert job == JobConfig(name="j", k_grid=(3, 6), centroid_grids=(3,))
+    assert (job.store, job.epochs, job.batch_size, job.n_init, job.lloyd_steps, job.seed) == (
+        DEFAULT_STORE, JobConfig.epochs, JobConfig.batch_size, "auto", JobConfig.lloyd_steps, 0,
+    )
+    assert job.restarts(3) >= 1 and job.restarts(64) >= 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL, {"k_grid": (3, 6), "centroid_grids": (3,)}),  # no 36 in the grid: the first K
+        ("name: j\nk_grid: [64, 10, 36]\n", {"k_grid": (10, 36, 64), "centroid_grids": (36,)}),  # sorted; 36 shown
+        ("name: j\nk_grid: [2]\n", {"k_grid": (2,)}),
+        (MINIMAL + "epochs: 5\nbatch_size: 1\nseed: 4294967295\nlloyd_steps: 0\n",
+         {"epochs": 5, "batch_size": 1, "seed": 2**32 - 1, "lloyd_steps": 0}),
+        (MINIMAL + "n_init: 3\n", {"n_init": 3}),
+        (MINIMAL + "n_init: auto\n", {"n_init": "auto"}),
+        (MINIMAL + "store: s3://bucket/mnist.zarr\n", {"store": "s3://bucket/mnist.zarr"}),
+        (MINIMAL + "report:\n  centroid_grids: [6, 3]\n", {"centroid_grids": (6, 3)}),
+        (MINIMAL + "report:\n", {"centroid_grids": (3,)}),  # an empty mapping
+        ("name: 'any text: <b>&</b> ünï'\nk_grid: [3]\n", {"name": "any text: <b>&</b> ünï"}),
+    ],
+)
+def test_job_values(tmp_path: Path, text: str, expected: dict) -> None:
+    job = load_job(write(tmp_path, text))
+    for key, value in expected.items():
+        assert getattr(job, key) == value, key
+
+
+def test_job_restarts_and_slug(tmp_path: Path) -> None:
+    assert load_job(write(tmp_path, MINIMAL + "n_init: 3\n")).restarts(6) == 3
+    auto = load_job(write(tmp_path, MINIMAL))
+    counts = [auto.restarts(k) for k in (2, 3, 10, 36, 64, 144, 256, 65_536)]
+    assert all(n >= 1 for n in counts) and counts == sorted(counts, reverse=True)  # "auto": more for small K
+    assert load_job(write(tmp_path, "name: 'a b/../c'\nk_grid: [3]\n")).slug == "a-b-..-c"
+    assert "/" not in load_job(write(tmp_path, "name: '../../x'\nk_grid: [3]\n")).slug
+    assert load_job(write(tmp_path, "name: '///'\nk_grid: [3]\n")).slug == "job"
+
+
+def test_job_as_resolved_loads_back_the_same(tmp_path: Path) -> None:
+    import yaml
+
+    job = load_job(write(tmp_path, MINIMAL + "epochs: 3\nn_init: 2\nseed: 9\nreport: {centroid_grids: [6]}\n"))
+    again = load_job(write(tmp_path, yaml.safe_dump(job.to_yaml_dict()), "resolved.yaml"))
+    assert again == job
+
+
+def test_overrides() -> None:
+    job = JobConfig(name="j", k_grid=(3,))
+    assert with_overrides(job, store=None) == job
+    assert with_overrides(job, store="other.zarr").store == "other.zarr"
+
+
+BAD_JOBS = [
+    # (file text, words the message must hold besides the file name)
+    ("name: j\nk_grid: [3]\nepoch: 2\n", ["epoch", "unknown key"]),
+    ("name: j\nk_grid: [3]\nreport:\n  grids: [3]\n", ["report.grids", "unknown key"]),
+    ("name: j\nk_grid: ten\n", ["k_grid"]),
+    ("name: j\nk_grid: 10\n", ["k_grid"]),
+    ("name: j\nk_grid: []\n", ["k_grid"]),
+    ("name: j\nk_grid: [3, '6']\n", ["k_grid"]),
+    ("name: j\nk_grid: [3, 6.0]\n", ["k_grid"]),
+    ("name: j\nk_grid: [3, true]\n", ["k_grid"]),
+    ("name: j\nk_grid: [3, 3]\n", ["k_grid"]),
+    ("name: j\nk_grid: [1, 3]\n", ["k_grid", ">= 2"]),
+    ("name: j\nk_grid: [0]\n", ["k_grid"]),
+    ("name: j\nk_grid: [-5]\n", ["k_grid"]),
+    ("name: j\nk_grid: [100000000]\n", ["k_grid"]),
+    ("name: j\nk_grid: [3]\nepochs: 1.5\n", ["epochs"]),
+    ("name: j\nk_grid: [3]\nepochs: true\n", ["epochs"]),
+    ("name: j\nk_grid: [3]\nepochs: '2'\n", ["epochs"]),
+    ("name: j\nk_grid: [3]\nepochs: 0\n", ["epochs"]),
+    ("name: j\nk_grid: [3]\nepochs:\n", ["epochs"]),
+    ("name: j\nk_grid: [3]\nbatch_size: 0\n", ["batch_size"]),
+    ("name: j\nk_grid: [3]\nbatch_size: -1\n", ["batch_size"]),
+    ("name: j\nk_grid: [3]\nn_init: banana\n", ["n_init"]),
+    ("name: j\nk_grid: [3]\nn_init: 0\n", ["n_init"]),
+    ("name: j\nk_grid: [3]\nn_init: true\n", ["n_init"]),
+    ("name: j\nk_grid: [3]\nn_init: 2.5\n", ["n_init"]),
+    ("name: j\nk_grid: [3]\nlloyd_steps: -1\n", ["lloyd_steps"]),
+    ("name: j\nk_grid: [3]\nseed: -1\n", ["seed"]),
+    ("name: j\nk_grid: [3]\nseed: 4294967296\n", ["seed"]),
+    ("name: j\nk_grid: [3]\nseed: abc\n", ["seed"]),
+    ("name: j\nk_grid: [3]\nstore: 5\n", ["store"]),
+    ("name: j\nk_grid: [3]\nstore: ''\n", ["store"]),
+    ("k_grid: [3]\n", ["name", "missing"]),
+    ("name:\nk_grid: [3]\n", ["name"]),
+    ("name: ''\nk_grid: [3]\n", ["name"]),
+    ("name: 12\nk_grid: [3]\n", ["name"]),
+    ("name: [a]\nk_grid: [3]\n", ["name"]),
+    (f"name: {'x' * 201}\nk_grid: [3]\n", ["name"]),
+    ("name: j\n", ["k_grid", "missing"]),
+    ("name: j\nk_grid:\n", ["k_grid"]),
+    ("name: j\nk_grid: [3, 6]\nreport:\n  centroid_grids: [10]\n", ["centroid_grids", "10"]),
+    ("name: j\nk_grid: [3, 6]\nreport:\n  centroid_grids: []\n", ["centroid_grids"]),
+    ("name: j\nk_grid: [3, 6]\nreport:\n  centroid_grids: 6\n", ["centroid_grids"]),
+    ("name: j\nk_grid: [3, 6]\nreport: [6]\n", ["report"]),
+    ("- name: j\n- k_grid: [3]\n", ["mapping"]),
+    ("just text\n", ["mapping"]),
+    ("", ["mapping"]),
+    ("name: j\nk_grid: [3\n", ["YAML"]),
+    ("name: j\n  k_grid: [3]\n", ["YAML"]),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_JOBS)
+def test_bad_job(tmp_path: Path, text: str, words: list[str]) -> None:
+    path = write(tmp_path, text, "job.yaml")
+    with pytest.raises(UserError) as exc:
+        load_job(path)
+    assert_user_error(exc, path, *words)
+
+
+def test_missing_and_unreadable_job_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as exc:
+        load_job(tmp_path / "nope.yaml")
+    assert_user_error(exc, tmp_path / "nope.yaml", "not found")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00name")
+    with pytest.raises(UserError) as exc:
+        load_job(binary)
+    assert_user_error(exc, binary)
+    with pytest.raises(UserError) as exc:
+        load_job(tmp_path)  # a directory
+    assert_user_error(exc, tmp_path)
+
+
+def test_store_null_is_not_a_store_named_none(tmp_path: Path) -> None:
+    """``store:`` left empty (YAML null) must mean the default store or be an error, never ``store=None``.
+
+    With ``store=None`` the run goes on with ``str(None)``: it ingests MNIST into a directory named ``None``.
+    """
+    path = write(tmp_path, MINIMAL + "store:\n")
+    try:
+        job = load_job(path)
+    except UserError as exc:
+        assert "store" in str(exc) and str(path) in str(exc)
+    else:
+        assert job.store == DEFAULT_STORE
+
+
+# --- cluster files ----------------------------------------------------------------------------------------------
+
+
+def test_cluster_defaults(tmp_path: Path) -> None:
+    assert load_cluster(None) == ClusterConfig()
+    assert load_cluster(write(tmp_path, "{}\n")) == ClusterConfig()
+    assert load_cluster(write(tmp_path, "local:\n")) == ClusterConfig()
+    cfg = ClusterConfig()
+    assert cfg.scheduler is None and cfg.tls is None and cfg.connect_timeout > 0
+    assert cfg.local == LocalClusterConfig() and cfg.local.n_workers >= 1 and cfg.local.processes is True
+
+
+def test_repo_cluster_file_loads() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_cluster(repo / "cluster.yaml")
+    assert cfg.scheduler is None and cfg.tls is None
+    assert cfg.local.dashboard_address.startswith("127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    ("text", "check"),
+    [
+        ("scheduler: tcp://10.0.0.1:8786\n", lambda c: c.scheduler == "tcp://10.0.0.1:8786"),
+        ("scheduler: null\n", lambda c: c.scheduler is None),
+        ("connect_timeout: 2\n", lambda c: c.connect_timeout == 2.0 and isinstance(c.connect_timeout, float)),
+        ("connect_timeout: 0.5\n", lambda c: c.connect_timeout == 0.5),
+        (
+            "local: {n_workers: 3, threads_per_worker: 2, memory_limit: 2GiB, dashboard_address: '127.0.0.1:0',"
+            " processes: false}\n",
+            lambda c: c.local == LocalClusterConfig(3, 2, "2GiB", "127.0.0.1:0", False),
+        ),
+        ("local: {memory_limit: 1073741824}\n", lambda c: c.local.memory_limit == "1073741824"),
+        ("local: {n_workers: 1}\n", lambda c: c.local.n_workers == 1 and c.local.threads_per_worker == 1),
+    ],
+)
+def test_cluster_values(tmp_path: Path, text: str, check) -> None:
+    assert check(load_cluster(write(tmp_path, text)))
+
+
+def test_cluster_tls_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "certs").mkdir()
+    for name in ("ca.pem", "client.pem", "client-key.pem"):
+        (tmp_path / "certs" / name).write_text("x")
+    absolute = tmp_path / "certs" / "ca.pem"
+    path = write(
+        tmp_path,
+        f"scheduler: tls://h:8786\ntls:\n  ca_file: {absolute}\n  cert: certs/client.pem\n  key: certs/client-key.pem\n",
+    )
+    cfg = load_cluster(path)
+    assert cfg.tls is not None
+    assert Path(cfg.tls.ca_file) == absolute
+    assert Path(cfg.tls.cert) == tmp_path / "certs" / "client.pem"
+    assert Path(cfg.tls.key) == tmp_path / "certs" / "client-key.pem"
+
+
+BAD_CLUSTERS = [
+    ("workers: 2\n", ["workers", "unknown key"]),
+    ("local: {n_worker: 2}\n", ["local.n_worker", "unknown key"]),
+    ("local: {n_workers: -1}\n", ["local.n_workers"]),
+    ("local: {n_workers: 0}\n", ["local.n_workers"]),
+    ("local: {n_workers: two}\n", ["local.n_workers"]),
+    ("local: {n_workers: 1.5}\n", ["local.n_workers"]),
+    ("local: {threads_per_worker: 0}\n", ["local.threads_per_worker"]),
+    ("local: {memory_limit: lots}\n", ["local.memory_limit"]),
+    ("local: {memory_limit: true}\n", ["local.memory_limit"]),
+    ("local: {processes: 'yes'}\n", ["local.processes"]),
+    ("local: {dashboard_address: 8787}\n", ["local.dashboard_address"]),
+    ("local: [2]\n", ["local"]),
+    ("scheduler: localhost:8786\n", ["scheduler"]),
+    ("scheduler: 8786\n", ["scheduler"]),
+    ("connect_timeout: 0\n", ["connect_timeout"]),
+    ("connect_timeout: -3\n", ["connect_timeout"]),
+    ("connect_timeout: soon\n", ["connect_timeout"]),
+    ("connect_timeout: true\n", ["connect_timeout"]),
+    ("tls:\n  ca_file: missing-ca.pem\n  cert: missing.pem\n  key: missing-key.pem\n", ["tls.ca_file", "missing-ca.pem"]),
+    ("tls:\n  ca_file: ca.pem\n", ["tls.cert"]),
+    ("tls:\n  ca: ca.pem\n", ["tls.ca", "unknown key"]),
+    ("tls: [a]\n", ["tls"]),
+    ("- local\n", ["mapping"]),
+    ("local: {n_workers: [1\n", ["YAML"]),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_CLUSTERS)
+def test_bad_cluster(tmp_path: Path, text: str, words: list[str]) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    path = write(tmp_path, text, "cluster.yaml")
+    with pytest.raises(UserError) as exc:
+        load_cluster(path)
+    assert_user_error(exc, path, *words)
+
+
+def test_missing_cluster_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as exc:
+        load_cluster(tmp_path / "cluster.yaml")
+    assert_user_error(exc, tmp_path / "cluster.yaml", "not found")
