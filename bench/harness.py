@@ -66,7 +66,7 @@ def project_job(client, job, info) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Checkpoint.create(Path(tmp) / "centroids.zarr", info.image_shape)
         t0 = time.perf_counter()
-        _, _, rows, _, _ = fit_and_evaluate(client, job, info, ckpt)
+        _, rows, _, _ = fit_and_evaluate(client, job, info, ckpt)
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "per_k": {r["k"]: {key: r[key] for key in ("inertia", "accuracy_train", "accuracy_test")} for r in rows}}
 
@@ -79,8 +79,11 @@ def job_flops(job, info) -> float:
         r = job.restarts(k)
         init_rows = min(max(3 * job.batch_size, 3 * k), info.n_train)
         kpp = init_rows * k * (2 + np.log(k))  # candidates x sample rows, k-means++'s greedy trials
-        passes = job.epochs + job.lloyd_steps + max(job.epochs - 1, 0) + 1  # fit epochs, Lloyd, history, eval
-        flops += r * 2 * d * k * (passes * info.n_train + info.n_test + kpp / k)
+        # every restart: its epochs, the inertia of its earlier epochs, the pass that compares restarts;
+        # the chosen one: the other Lloyd passes, the evaluation of train and test
+        per_restart = job.epochs + max(job.epochs - 1, 0) + 1
+        chosen = max(job.lloyd_steps - 1, 0) + (1 if job.lloyd_steps else 0)
+        flops += 2 * d * k * ((r * per_restart + chosen) * info.n_train + info.n_test + r * kpp / k)
     return flops
 
 

@@ -65,11 +65,27 @@ class Checkpoint:
             }
         )
 
-    def save_lloyd(self, k: int, restart: int, step: int, centers: np.ndarray, epochs: int, lloyd_steps: int) -> None:
-        """Save a chain's centers after Lloyd step ``step`` (1-based)."""
+    def save_lloyd(
+        self,
+        k: int,
+        restart: int,
+        step: int,
+        centers: np.ndarray,
+        epochs: int,
+        lloyd_steps: int,
+        epoch_inertia: list[float],
+        lloyd_inertia: list[float],
+    ) -> None:
+        """Save the chosen restart's centers after Lloyd step ``step`` (1-based), with the inertia curve so far.
+
+        Only the chosen restart of a K has Lloyd steps: ``lloyd_done > 0`` marks it.
+        """
         g = self._chain(k, restart, epochs, lloyd_steps, centers.shape[1])
         g["lloyd"][step - 1] = centers
-        g.attrs["lloyd_done"] = step
+        g.attrs.update({"epoch_inertia": epoch_inertia, "lloyd_inertia": lloyd_inertia, "lloyd_done": step})
+
+    def chain_attrs(self, k: int, restart: int) -> dict:
+        return dict(self.group[f"chains/k{k}/r{restart}"].attrs)
 
     def progress(self, k: int, restart: int) -> tuple[int, int]:
         """(epochs_done, lloyd_done) saved for a chain; (0, 0) when nothing is."""

@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import sklearn
 from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
 
 from mnist_kmeans.data.store import StoreInfo, load_chunk
@@ -166,8 +167,11 @@ def fit_chunk(state: ChainState, info: StoreInfo, chunk: int, n_chunks: int, par
     rng = np.random.RandomState(derive_seed(params.seed, ROWS, state.k, state.restart, state.epoch, chunk))
     x = x[rng.permutation(len(x))]  # a fresh order each epoch: batches differ from one epoch to the next
     model = restore_model(state, params, rng)
-    for rows in batches(len(x), params.batch_size):
-        model.partial_fit(x[rows])
+    # The rows come from a uint8 store (always finite) and the parameters were validated with the job file:
+    # skipping scikit-learn's per-call checks cuts the fixed cost of each small partial_fit by a quarter.
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        for rows in batches(len(x), params.batch_size):
+            model.partial_fit(x[rows])
     done = state.chunks_done + 1
     if done == n_chunks:
         return snapshot(model, state, epoch=state.epoch + 1, chunks_done=0)

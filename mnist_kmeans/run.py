@@ -23,7 +23,7 @@ from mnist_kmeans.errors import ClusterError, UserError
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
-from mnist_kmeans.schedule import ChainResult, FitPlan, Progress, run_chains
+from mnist_kmeans.schedule import KResult, FitPlan, Progress, run_chains
 
 GALLERY_SIZE = 32
 
@@ -119,16 +119,7 @@ def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
         raise UserError(f"{manifest}: the run was made on another store than {info.url}; resume with the same store")
 
 
-def choose(results: list[ChainResult]) -> dict[int, ChainResult]:
-    """The restart with the lowest training inertia of each K (ties: the lowest restart index)."""
-    best: dict[int, ChainResult] = {}
-    for r in sorted(results, key=lambda r: (r.k, r.restart)):
-        if r.k not in best or r.train.inertia < best[r.k].train.inertia:
-            best[r.k] = r
-    return dict(sorted(best.items()))
-
-
-def results_table(best: dict[int, ChainResult], job: JobConfig) -> tuple[list[dict], dict[str, list], dict]:
+def results_table(best: dict[int, KResult], job: JobConfig) -> tuple[list[dict], dict[str, list], dict]:
     """metrics.json's ``results``, label_maps.json, and evaluation.json's per-K tables."""
     rows, maps, tables = [], {}, {}
     for k, r in best.items():
@@ -147,6 +138,7 @@ def results_table(best: dict[int, ChainResult], job: JobConfig) -> tuple[list[di
                 "lloyd_steps": job.lloyd_steps,
                 "n_init": job.restarts(k),
                 "restart": r.restart,
+                "restart_inertia": r.restart_inertia,
                 "inertia_test": r.test.inertia,
                 "inertia_per_epoch": r.trajectory,
                 "fit_seconds": round(r.fit_seconds, 3),
@@ -166,14 +158,13 @@ def plan_of(job: JobConfig, info: StoreInfo) -> FitPlan:
 
 
 def fit_and_evaluate(client: Any, job: JobConfig, info: StoreInfo, ckpt: Checkpoint, progress: Progress | None = None):
-    """The distributed part of a job: every chain fitted and evaluated, the best restart of each K chosen.
+    """The distributed part of a job: every K fitted and evaluated, its best restart chosen.
 
-    Returns the chain results, the chosen one per K, metrics.json's rows, the label maps and the contingency tables.
+    Returns the result per K, metrics.json's rows, the label maps and the contingency tables.
     """
-    chain_results = run_chains(client, plan_of(job, info), ckpt, progress or Progress())
-    best = choose(chain_results)
+    best = {r.k: r for r in run_chains(client, plan_of(job, info), ckpt, progress or Progress())}
     rows, maps, tables = results_table(best, job)
-    return chain_results, best, rows, maps, tables
+    return best, rows, maps, tables
 
 
 def pick_best_k(rows: list[dict]) -> int:
@@ -242,7 +233,7 @@ def run_job(
         t_fit = time.perf_counter()
         try:
             with performance_report(filename=str(run_dir / "dask-performance.html"), mode="inline"):
-                chain_results, best, rows, maps, tables = fit_and_evaluate(client, job, info, ckpt)
+                best, rows, maps, tables = fit_and_evaluate(client, job, info, ckpt)
                 best_k = pick_best_k(rows)
                 gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
         except KeyboardInterrupt:
@@ -255,7 +246,7 @@ def run_job(
             raise
         t_done = time.perf_counter()
 
-    fit_end = max(r.fit_seconds for r in chain_results) + t_fit
+    fit_end = max(r.fit_seconds for r in best.values()) + t_fit
     for k, r in best.items():
         ckpt.save_result(k, r.centers, ckpt.epoch_centers(k, r.restart))
     _write_samples(run_dir, info, gallery, best_k)
@@ -301,7 +292,7 @@ def run_job(
     return report
 
 
-def _gallery(client: Any, info: StoreInfo, best: ChainResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
+def _gallery(client: Any, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
     """The first misclassified test digits of the best model, found on the workers."""
     futures = [
         client.submit(misclassified_task, best.centers, mapping, info, j, GALLERY_SIZE, pure=False)

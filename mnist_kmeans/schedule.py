@@ -1,10 +1,16 @@
 """Submits the job's graph to the cluster as futures, saves checkpoints as results arrive, shows progress.
 
-The graph of one chain (K, restart); every chain is independent, so all of them run at once::
+The graph of one K; every K is independent, so all of them run at once::
 
-    init_chain ─▶ fit_chunk ─▶ … ─▶ fit_chunk            epochs × n_chunks sequential tasks (map, fit.py)
-          ─▶ [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update] × lloyd_steps    (evaluate.py)
-          ─▶ chunk_stats × n_chunks of train and of test ─▶ tree of combine           the evaluation (reduce)
+    restart r:  init_chain ─▶ fit_chunk ─▶ … ─▶ fit_chunk     epochs × n_chunks sequential tasks (map, fit.py)
+                     ─▶ chunk_stats × n_chunks ─▶ tree of combine       the exact training inertia of restart r
+    select_restart (lowest inertia) ─▶ lloyd_update                      … the first full-batch Lloyd step
+          ─▶ [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update] × (lloyd_steps - 1)   (evaluate.py)
+          ─▶ chunk_stats × n_chunks of train and of test ─▶ tree of combine     the evaluation (reduce)
+
+The restarts of a K are compared by their exact training inertia right after their mini-batch epochs, and only the
+best continues: the pass that measures it is also the first Lloyd step's, so the choice costs nothing extra, and
+restarts (cheap at small K, where the local optimum found varies most) do not multiply the Lloyd and evaluation work.
 
 Futures rather than one delayed graph: the chains run eagerly, every epoch end is saved the moment it exists,
 progress is exact, and a Ctrl-C cancels what is left. The client holds one future per chain and step in
@@ -45,11 +51,12 @@ class FitPlan:
 
 
 @dataclass
-class ChainResult:
-    """One chain, fitted and evaluated."""
+class KResult:
+    """The chosen model of one K, fitted and evaluated."""
 
     k: int
-    restart: int
+    restart: int  # the restart chosen (lowest training inertia after the mini-batch epochs)
+    restart_inertia: list[float]  # each restart's training inertia after its mini-batch epochs (empty on resume)
     centers: np.ndarray
     train: PassStats
     test: PassStats
@@ -69,15 +76,35 @@ def tree_reduce(client: Client, parts: Sequence[Future], fan_in: int = 4) -> Fut
     return parts[0]
 
 
+def select_restart(*stats: PassStats) -> int:
+    """Index of the restart with the lowest training inertia (ties: the first)."""
+    return int(np.argmin([st.inertia for st in stats]))
+
+
+def pick(index: int, *items: Any) -> Any:
+    return items[index]
+
+
+def lloyd_from(index: int, centers: Sequence[np.ndarray], stats: Sequence[PassStats]) -> np.ndarray:
+    """The first Lloyd step, applied to the chosen restart."""
+    return lloyd_update(centers[index], stats[index])
+
+
 @dataclass
-class _Chain:
+class _K:
+    """The client's record of one K while its tasks run."""
+
     k: int
-    restart: int
-    fit_tasks: int  # partial_fit tasks in total (epochs x chunks), for progress
+    restarts: int
+    fit_tasks: int  # partial_fit tasks in total (restarts x epochs x chunks), for progress
     fit_done: int = 0
     t_start: float = field(default_factory=time.perf_counter)
     t_fit_end: float | None = None
-    lloyd_inertia: list[float] = field(default_factory=list)
+    chosen: int | None = None
+    restart_inertia: dict[int, float] = field(default_factory=dict)
+    restart_epoch_inertia: dict[int, list[float]] = field(default_factory=dict)
+    epoch_inertia: list[float] = field(default_factory=list)  # after epochs 1..E-1, then after epoch E
+    lloyd_inertia: list[float] = field(default_factory=list)  # after Lloyd steps 1..L-1 (inputs of later passes)
     train: PassStats | None = None
     test: PassStats | None = None
     centers: np.ndarray | None = None
@@ -91,18 +118,19 @@ class Progress:
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
         self.min_interval, self.last = min_interval, 0.0
 
-    def update(self, chains: dict[tuple[int, int], _Chain], epochs: int, stage: str, force: bool = False) -> None:
+    def update(self, groups: dict[int, _K], epochs: int, force: bool = False) -> None:
         now = time.perf_counter()
         if not self.enabled or (not force and now - self.last < self.min_interval):
             return
         self.last = now
         parts = []
-        for (k, r), c in sorted(chains.items()):
-            done = epochs * c.fit_done // max(c.fit_tasks, 1)
-            parts.append(f"K={k}{'' if r == 0 else f'.{r}'} {done}/{epochs}")
-        total = sum(c.fit_tasks for c in chains.values())
-        pct = 100 * sum(c.fit_done for c in chains.values()) // max(total, 1)
-        self.stream.write(f"\r{stage}: {pct:3d}% epochs | " + "  ".join(parts) + "\033[K")
+        for k, g in sorted(groups.items()):
+            done = epochs * g.fit_done // max(g.fit_tasks, 1)
+            state = "done" if g.test is not None else ("lloyd" if g.chosen is not None else f"{done}/{epochs} ep")
+            parts.append(f"K={k} {state}")
+        total = sum(g.fit_tasks for g in groups.values())
+        pct = 100 * sum(g.fit_done for g in groups.values()) // max(total, 1)
+        self.stream.write(f"\rfit {pct:3d}% of epochs | " + "  ".join(parts) + "\033[K")
         self.stream.flush()
 
     def close(self) -> None:
@@ -117,104 +145,126 @@ def run_chains(
     ckpt: Checkpoint,
     progress: Progress | None = None,
     on_epoch: Callable[[ChainState], None] | None = None,
-) -> list[ChainResult]:
-    """Fit and evaluate every chain of ``plan`` on the cluster, continuing from what ``ckpt`` holds.
+) -> list[KResult]:
+    """Fit and evaluate every K of ``plan`` on the cluster, continuing from what ``ckpt`` holds.
 
-    Blocks until all chains are done. On ``KeyboardInterrupt`` the remaining work is cancelled and the exception
-    propagates; every epoch saved so far stays in ``ckpt``.
+    Blocks until all are done. On ``KeyboardInterrupt`` (or any error) the remaining work is cancelled and the
+    exception propagates; every epoch and Lloyd step saved so far stays in ``ckpt``.
     """
     info, params, E, L = plan.info, plan.params, plan.epochs, plan.lloyd_steps
     n_chunks = info.n_chunks("train")
     progress = progress or Progress()
-    chains: dict[tuple[int, int], _Chain] = {}
-    events: dict[Future, tuple[str, tuple[int, int], int]] = {}
+    groups: dict[int, _K] = {}
+    events: dict[Future, tuple[str, int, int]] = {}
 
-    def submit(kind: str, chain: tuple[int, int], n: int, func: Callable, *args: Any, **kwargs: Any) -> Future:
+    def submit(func: Callable, *args: Any, event: tuple[str, int, int] | None = None, **kwargs: Any) -> Future:
         fut = client.submit(func, *args, pure=False, **kwargs)
-        if kind:
-            events[fut] = (kind, chain, n)
+        if event is not None:
+            events[fut] = event
         return fut
 
-    for k, r in plan.chains:
-        epochs_done, lloyd_done = ckpt.progress(k, r)
-        c = chains[(k, r)] = _Chain(k, r, fit_tasks=E * n_chunks, fit_done=epochs_done * n_chunks)
-        history: list[Any] = list(ckpt.epoch_centers(k, r)[: min(epochs_done, E - 1)])
-        # 1. mini-batch epochs: one partial_fit task per chunk
-        if epochs_done == 0:
-            state: Any = submit("", (k, r), 0, init_chain, info, k, r, params)
-        else:
-            state = ckpt.load_state(k, r)
-        for epoch in range(epochs_done, E):
-            for i, chunk in enumerate(chunk_order(n_chunks, params.seed, k, r, epoch)):
-                last = i == n_chunks - 1
-                state = submit("epoch" if last else "chunk", (k, r), epoch + 1, fit_chunk, state, info, chunk, n_chunks, params)
-            if epoch < E - 1:
-                history.append(submit("", (k, r), 0, centers_of, state))
-        # 2. full-batch Lloyd steps from the last epoch's centers
-        if lloyd_done:
-            centers: Any = ckpt.lloyd_centers(k, r)[-1]
-            c.lloyd_inertia = list(ckpt.group[f"chains/k{k}/r{r}"].attrs.get("lloyd_inertia", []))[:lloyd_done]
-        else:
-            centers = submit("", (k, r), 0, centers_of, state)
-        for step in range(lloyd_done, L):
-            parts = [submit("", (k, r), 0, chunk_stats_task, centers, info, "train", j, with_sums=True) for j in range(n_chunks)]
-            stats = tree_reduce(client, parts)
-            events[stats] = ("lloyd-stats", (k, r), step + 1)
-            centers = submit("lloyd", (k, r), step + 1, lloyd_update, centers, stats)
-        # 3. evaluation of the final centers on both splits, with the inertia of the earlier epochs
-        for split in ("train", "test"):
-            hist = tuple(history) if split == "train" else ()
-            parts = [
-                submit("", (k, r), 0, chunk_stats_task, centers, info, split, j, history=hist)
-                for j in range(info.n_chunks(split))
-            ]
-            events[tree_reduce(client, parts)] = (f"eval-{split}", (k, r), 0)
-        events[submit("", (k, r), 0, _identity, centers)] = ("final", (k, r), 0)
+    def train_pass(centers: Any, k: int, with_sums: bool, history: tuple = ()) -> Future:
+        parts = [
+            submit(chunk_stats_task, centers, info, "train", j, with_sums=with_sums, history=history)
+            for j in range(n_chunks)
+        ]
+        return tree_reduce(client, parts)
 
-    pending = as_completed(list(events))
+    for k in sorted(plan.restarts, reverse=True):  # largest K first: the longest work starts first
+        R = plan.restarts[k]
+        saved = [ckpt.progress(k, r) for r in range(R)]
+        g = groups[k] = _K(k, R, fit_tasks=R * E * n_chunks, fit_done=sum(e for e, _ in saved) * n_chunks)
+        chosen = next((r for r, (_, lloyd_done) in enumerate(saved) if lloyd_done), None)
+        if chosen is not None:  # resume after the choice: continue the chosen restart's Lloyd steps
+            lloyd_done = saved[chosen][1]
+            attrs = ckpt.chain_attrs(k, chosen)
+            g.chosen, g.epoch_inertia = chosen, list(attrs["epoch_inertia"])
+            g.lloyd_inertia = list(attrs["lloyd_inertia"])[: lloyd_done - 1]
+            centers: Any = ckpt.lloyd_centers(k, chosen)[-1]
+        else:
+            lloyd_done = 0
+            finals, passes = [], []
+            for r in range(R):
+                epochs_done = saved[r][0]
+                history: list[Any] = list(ckpt.epoch_centers(k, r)[: min(epochs_done, E - 1)])
+                state: Any = submit(init_chain, info, k, r, params) if epochs_done == 0 else ckpt.load_state(k, r)
+                for epoch in range(epochs_done, E):
+                    order = chunk_order(n_chunks, params.seed, k, r, epoch)
+                    for i, chunk in enumerate(order):
+                        kind = "epoch" if i == n_chunks - 1 else "chunk"
+                        state = submit(fit_chunk, state, info, chunk, n_chunks, params, event=(kind, k, epoch + 1))
+                    if epoch < E - 1:
+                        history.append(submit(centers_of, state))
+                final = submit(centers_of, state)
+                stats = train_pass(final, k, with_sums=L > 0, history=tuple(history))
+                events[stats] = ("restart", k, r)
+                finals.append(final)
+                passes.append(stats)
+            index = submit(select_restart, *passes, event=("select", k, 0))
+            if L == 0:
+                centers = submit(pick, index, *finals)
+                events[submit(pick, index, *passes)] = ("eval-train", k, 0)
+            else:
+                centers = submit(lloyd_from, index, finals, passes, event=("lloyd", k, 1))
+                lloyd_done = 1
+        for step in range(lloyd_done, L):
+            stats = train_pass(centers, k, with_sums=True)
+            events[stats] = ("lloyd-stats", k, step + 1)
+            centers = submit(lloyd_update, centers, stats, event=("lloyd", k, step + 1))
+        if L > 0:
+            events[train_pass(centers, k, with_sums=False)] = ("eval-train", k, 0)
+        test_parts = [submit(chunk_stats_task, centers, info, "test", j) for j in range(info.n_chunks("test"))]
+        events[tree_reduce(client, test_parts)] = ("eval-test", k, 0)
+        events[submit(_identity, centers)] = ("final", k, 0)
+
     try:
-        for fut in pending:
-            kind, key, n = events.pop(fut)
-            c = chains[key]
-            if kind == "chunk":
-                c.fit_done += 1
-            elif kind == "epoch":
-                c.fit_done += 1
-                state = fut.result()
-                ckpt.save_epoch(state, E, L)
-                if on_epoch is not None:
-                    on_epoch(state)
-                if n == E:
-                    c.t_fit_end = time.perf_counter()
+        for fut in as_completed(list(events)):
+            kind, k, n = events.pop(fut)
+            g = groups[k]
+            if kind in ("chunk", "epoch"):
+                g.fit_done += 1
+                if kind == "epoch":
+                    state = fut.result()
+                    ckpt.save_epoch(state, E, L)
+                    if on_epoch is not None:
+                        on_epoch(state)
+            elif kind == "restart":
+                st = fut.result()
+                g.restart_inertia[n] = st.inertia
+                g.restart_epoch_inertia[n] = [float(v) for v in st.ssd]
+            elif kind == "select":
+                g.chosen = int(fut.result())
+                g.epoch_inertia = g.restart_epoch_inertia[g.chosen]
+                g.t_fit_end = time.perf_counter()
             elif kind == "lloyd-stats":
-                c.lloyd_inertia.append(fut.result().inertia)
+                g.lloyd_inertia.append(fut.result().inertia)
             elif kind == "lloyd":
-                ckpt.save_lloyd(c.k, c.restart, n, fut.result(), E, L)
-                ckpt.group[f"chains/k{c.k}/r{c.restart}"].attrs["lloyd_inertia"] = c.lloyd_inertia[:n]
-                c.t_fit_end = time.perf_counter()
+                assert g.chosen is not None
+                ckpt.save_lloyd(k, g.chosen, n, fut.result(), E, L, g.epoch_inertia, g.lloyd_inertia[: n - 1])
+                g.t_fit_end = time.perf_counter()
             elif kind == "eval-train":
-                c.train = fut.result()
+                g.train = fut.result()
             elif kind == "eval-test":
-                c.test = fut.result()
+                g.test = fut.result()
             elif kind == "final":
-                c.centers = fut.result()
+                g.centers = fut.result()
             del fut
-            progress.update(chains, E, "fit")
+            progress.update(groups, E)
     except BaseException:
         client.cancel(list(events), force=True)
         raise
     finally:
-        progress.update(chains, E, "fit", force=True)
+        progress.update(groups, E, force=True)
         progress.close()
 
     results = []
-    for (k, r), c in chains.items():
-        assert c.train is not None and c.test is not None and c.centers is not None
-        history_ssd = list(c.train.ssd[:-1])
-        trajectory = [float(v) for v in history_ssd + c.lloyd_inertia[:L] + [c.train.inertia]]
-        end = c.t_fit_end or time.perf_counter()
-        results.append(ChainResult(k, r, c.centers, c.train, c.test, trajectory, end - c.t_start))
-    return results
+    for k, g in groups.items():
+        assert g.train is not None and g.test is not None and g.centers is not None and g.chosen is not None
+        trajectory = g.epoch_inertia + g.lloyd_inertia[: max(L - 1, 0)] + ([g.train.inertia] if L > 0 else [])
+        restart_inertia = [g.restart_inertia[r] for r in sorted(g.restart_inertia)]
+        end = g.t_fit_end or time.perf_counter()
+        results.append(KResult(k, g.chosen, restart_inertia, g.centers, g.train, g.test, trajectory, end - g.t_start))
+    return sorted(results, key=lambda r: r.k)
 
 
 def _identity(x: Any) -> Any:
