@@ -63,9 +63,10 @@ Log = Callable[[str], None]
 # Rows per random stream. Creating a stream costs ~40 us (SeedSequence hashing, PCG64 set-up), a row ~100 us of
 # work: one stream per row would add ~40%, one per 256 rows adds nothing measurable.
 ROWS_PER_STREAM = 256
-# Rows deformed at once. The float temporaries of 256 rows of 28 x 28 (~3 MB) stay in cache: measured 7x faster
-# bilinear sampling than on 4,096 rows at once, and memory per task does not grow with the chunk size.
-BATCH_ROWS = 256
+# Rows deformed at once, so that memory per task does not grow with the chunk size. Measured on 28 x 28: 4,096
+# rows at once make bilinear sampling 7x slower (temporaries out of cache); 256 rows allocate temporaries of
+# 3 MB whose page faults cost 40 us of system time per row; up to 192 rows, none.
+BATCH_ROWS = 128
 REFERENCE_SIDE = 28  # the image side that the lengths of DeformParams are given for
 N_AFFINE = 5  # uniforms per row for the affine part: rotation, log-scale, shear, shift along rows, along columns
 MAX_SEED = 2**32 - 1  # the bound of job seeds (config.py)

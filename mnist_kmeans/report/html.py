@@ -583,6 +583,7 @@ def build_context(
         "run_dir": str(run.run_dir),
         "started": _fmt_value(m.get("started_utc")),
         "best_k": run.best_k,
+        "most_accurate": _most_accurate(run.results),
         "best": {"accuracy_test": _fmt_pct(best["accuracy_test"]), "accuracy_train": _fmt_pct(best["accuracy_train"]),
                  "ari": _fmt_num(best["ari"], 3), "nmi": _fmt_num(best["nmi"], 3)},
         "total_time": total,
@@ -666,3 +667,9 @@ def render_report(run_dir: str | Path) -> Path:
     except OSError as exc:
         raise UserError(f"{exc.filename or run.run_dir}: cannot write the report: {exc.strerror or exc}") from None
     return out
+
+
+def _most_accurate(results: list[dict]) -> dict[str, Any]:
+    """The K with the highest test accuracy: what a reader who wants a classifier looks for."""
+    top = max(results, key=lambda r: (r["accuracy_test"], -r["k"]))
+    return {"k": top["k"], "accuracy_test": _fmt_pct(top["accuracy_test"])}
