@@ -11,6 +11,7 @@ original vectors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,33 +41,57 @@ class PassStats:
 
 def assign(x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest center of each row and its squared distance, from one float32 GEMM (||x||² - 2x·c + ||c||²)."""
-    d = x @ (-2 * centers.T)
-    d += np.einsum("ij,ij->i", centers, centers)[None, :]
-    labels = d.argmin(axis=1)
-    best = d[np.arange(len(x)), labels]
-    best += np.einsum("ij,ij->i", x, x)
-    np.maximum(best, 0, out=best)  # rounding can make a tiny distance negative
-    return labels, best
+    labels, dist = _assign_many(x, [centers])[0]
+    return labels, dist
+
+
+def _assign_many(x: np.ndarray, center_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`assign` for several center sets at once: one GEMM against all of them stacked, which is several times
+    faster than one small GEMM per set (restarts of a small K, the earlier epochs of a chain)."""
+    stacked = np.concatenate(center_sets) if len(center_sets) > 1 else center_sets[0]
+    d = x @ (-2 * stacked.T)
+    d += np.einsum("ij,ij->i", stacked, stacked)[None, :]
+    x_sq = np.einsum("ij,ij->i", x, x)
+    rows = np.arange(len(x))
+    out, start = [], 0
+    for centers in center_sets:
+        block = d[:, start : start + len(centers)]
+        labels = block.argmin(axis=1)
+        best = block[rows, labels] + x_sq
+        np.maximum(best, 0, out=best)  # rounding can make a tiny distance negative
+        out.append((labels, best))
+        start += len(centers)
+    return out
 
 
 def chunk_stats(
     x: np.ndarray,
     y: np.ndarray,
-    centers: np.ndarray,
+    center_sets: Sequence[np.ndarray],
     n_classes: int,
     *,
     with_sums: bool = False,
-    history: tuple[np.ndarray, ...] = (),
-) -> PassStats:
-    """Statistics of ``centers`` on the rows ``x`` (float32) with classes ``y``; a pure function.
+    histories: Sequence[Sequence[np.ndarray]] = (),
+) -> list[PassStats]:
+    """Statistics of each center set (e.g. the restarts of one K) on the rows ``x`` (float32) with classes ``y``.
 
-    ``history`` are earlier center sets of the same chain (its centers after each epoch) whose inertia is wanted
-    too: only their squared distances are computed.
+    ``histories[i]`` are earlier center sets of the same chain as ``center_sets[i]`` (its centers after each earlier
+    epoch) whose inertia is wanted too: only their squared distances are kept, as the leading entries of ``ssd``.
+    A pure function.
     """
-    k = len(centers)
-    labels, dist = assign(x, centers)
-    ssd = [float(assign(x, h)[1].sum(dtype=np.float64)) for h in history]
-    ssd.append(float(dist.sum(dtype=np.float64)))
+    histories = list(histories) or [()] * len(center_sets)
+    flat = [m for centers, hist in zip(center_sets, histories) for m in (*hist, centers)]
+    assigned = iter(_assign_many(x, flat))
+    out = []
+    for centers, hist in zip(center_sets, histories):
+        ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
+        labels, dist = next(assigned)
+        ssd.append(float(dist.sum(dtype=np.float64)))
+        out.append(_tables(x, y, labels, len(centers), n_classes, ssd, with_sums))
+    return out
+
+
+def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: bool) -> PassStats:
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     contingency = np.bincount(labels * n_classes + y, minlength=k * n_classes).reshape(k, n_classes).astype(np.int64)
     sums = None
@@ -82,27 +107,24 @@ def chunk_stats(
 
 
 def chunk_stats_task(
-    centers: np.ndarray,
+    center_sets: Sequence[np.ndarray],
     info: StoreInfo,
     split: str,
     chunk: int,
     *,
     with_sums: bool = False,
-    history: tuple[np.ndarray, ...] = (),
-) -> PassStats:
+    histories: Sequence[Sequence[np.ndarray]] = (),
+) -> list[PassStats]:
     """One task: :func:`chunk_stats` on one chunk of the store, read on the worker."""
     x, y = load_chunk(info, split, chunk)
     if y.size and int(y.max()) >= info.n_classes:
         raise ValueError(f"{info.url}: {split} chunk {chunk} holds label {int(y.max())} >= n_classes={info.n_classes}")
-    return chunk_stats(x, y.astype(np.int64), centers, info.n_classes, with_sums=with_sums, history=history)
+    return chunk_stats(x, y.astype(np.int64), center_sets, info.n_classes, with_sums=with_sums, histories=histories)
 
 
-def combine(*parts: PassStats) -> PassStats:
-    """Sum statistics of disjoint sets of rows (one node of the tree reduction)."""
-    total = parts[0]
-    for p in parts[1:]:
-        total = total + p
-    return total
+def combine(*parts: list[PassStats]) -> list[PassStats]:
+    """Sum the statistics of disjoint sets of rows, center set by center set (one node of the tree reduction)."""
+    return [sum(group[1:], start=group[0]) for group in zip(*parts)]
 
 
 def lloyd_update(centers: np.ndarray, stats: PassStats) -> np.ndarray:

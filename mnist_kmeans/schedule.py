@@ -31,7 +31,7 @@ from distributed import Client, Future, as_completed
 from mnist_kmeans.checkpoint import Checkpoint
 from mnist_kmeans.data.store import StoreInfo
 from mnist_kmeans.evaluate import PassStats, chunk_stats_task, combine, lloyd_update
-from mnist_kmeans.fit import ChainState, FitParams, chunk_order, fit_chunk, init_chain
+from mnist_kmeans.fit import ChainState, FitParams, chunk_order, draw_sample, fit_chunk, init_chain
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,17 @@ def tree_reduce(client: Client, parts: Sequence[Future], fan_in: int = 4) -> Fut
     return parts[0]
 
 
-def select_restart(*stats: PassStats) -> int:
+def select_restart(stats: list[PassStats]) -> int:
     """Index of the restart with the lowest training inertia (ties: the first)."""
     return int(np.argmin([st.inertia for st in stats]))
 
 
-def pick(index: int, *items: Any) -> Any:
+def pick(index: int, items: Sequence[Any]) -> Any:
     return items[index]
 
 
-def lloyd_from(index: int, centers: Sequence[np.ndarray], stats: Sequence[PassStats]) -> np.ndarray:
-    """The first Lloyd step, applied to the chosen restart."""
+def lloyd_step(index: int, centers: Sequence[np.ndarray], stats: list[PassStats]) -> np.ndarray:
+    """A Lloyd step of ``centers[index]`` from its statistics ``stats[index]``."""
     return lloyd_update(centers[index], stats[index])
 
 
@@ -163,12 +163,16 @@ def run_chains(
             events[fut] = event
         return fut
 
-    def train_pass(centers: Any, k: int, with_sums: bool, history: tuple = ()) -> Future:
+    def train_pass(center_sets: list[Any], with_sums: bool, histories: list[tuple] | None = None) -> Future:
+        """Statistics of each center set over the training split: a future of ``list[PassStats]``."""
         parts = [
-            submit(chunk_stats_task, centers, info, "train", j, with_sums=with_sums, history=history)
+            submit(chunk_stats_task, center_sets, info, "train", j, with_sums=with_sums, histories=histories or ())
             for j in range(n_chunks)
         ]
         return tree_reduce(client, parts)
+
+    sample: Future | None = None  # the k-means++ sample, drawn once for all chains, only if some chain starts afresh
+    sample_rows = max(params.init_rows(k, info.n_train) for k in plan.restarts)
 
     for k in sorted(plan.restarts, reverse=True):  # largest K first: the longest work starts first
         R = plan.restarts[k]
@@ -183,11 +187,15 @@ def run_chains(
             centers: Any = ckpt.lloyd_centers(k, chosen)[-1]
         else:
             lloyd_done = 0
-            finals, passes = [], []
+            finals, histories = [], []
             for r in range(R):
                 epochs_done = saved[r][0]
                 history: list[Any] = list(ckpt.epoch_centers(k, r)[: min(epochs_done, E - 1)])
-                state: Any = submit(init_chain, info, k, r, params) if epochs_done == 0 else ckpt.load_state(k, r)
+                if epochs_done == 0:
+                    sample = sample or submit(draw_sample, info, sample_rows, params.seed)
+                    state: Any = submit(init_chain, sample, k, r, params)
+                else:
+                    state = ckpt.load_state(k, r)
                 for epoch in range(epochs_done, E):
                     order = chunk_order(n_chunks, params.seed, k, r, epoch)
                     for i, chunk in enumerate(order):
@@ -195,26 +203,26 @@ def run_chains(
                         state = submit(fit_chunk, state, info, chunk, n_chunks, params, event=(kind, k, epoch + 1))
                     if epoch < E - 1:
                         history.append(submit(centers_of, state))
-                final = submit(centers_of, state)
-                stats = train_pass(final, k, with_sums=L > 0, history=tuple(history))
-                events[stats] = ("restart", k, r)
-                finals.append(final)
-                passes.append(stats)
-            index = submit(select_restart, *passes, event=("select", k, 0))
+                finals.append(submit(centers_of, state))
+                histories.append(tuple(history))
+            # all restarts of K in one pass: one GEMM per chunk against every restart's centers
+            passes = train_pass(finals, with_sums=L > 0, histories=histories)
+            events[passes] = ("restarts", k, 0)
+            index = submit(select_restart, passes, event=("select", k, 0))
             if L == 0:
-                centers = submit(pick, index, *finals)
-                events[submit(pick, index, *passes)] = ("eval-train", k, 0)
+                centers = submit(pick, index, finals)
+                events[submit(pick, index, passes)] = ("eval-train", k, 0)
             else:
-                centers = submit(lloyd_from, index, finals, passes, event=("lloyd", k, 1))
+                centers = submit(lloyd_step, index, finals, passes, event=("lloyd", k, 1))
                 lloyd_done = 1
         for step in range(lloyd_done, L):
-            stats = train_pass(centers, k, with_sums=True)
+            stats = train_pass([centers], with_sums=True)
             events[stats] = ("lloyd-stats", k, step + 1)
-            centers = submit(lloyd_update, centers, stats, event=("lloyd", k, step + 1))
+            centers = submit(lloyd_step, 0, [centers], stats, event=("lloyd", k, step + 1))
         if L > 0:
-            events[train_pass(centers, k, with_sums=False)] = ("eval-train", k, 0)
-        test_parts = [submit(chunk_stats_task, centers, info, "test", j) for j in range(info.n_chunks("test"))]
-        events[tree_reduce(client, test_parts)] = ("eval-test", k, 0)
+            events[submit(pick, 0, train_pass([centers], with_sums=False))] = ("eval-train", k, 0)
+        test_parts = [submit(chunk_stats_task, [centers], info, "test", j) for j in range(info.n_chunks("test"))]
+        events[submit(pick, 0, tree_reduce(client, test_parts))] = ("eval-test", k, 0)
         events[submit(_identity, centers)] = ("final", k, 0)
 
     try:
@@ -228,16 +236,16 @@ def run_chains(
                     ckpt.save_epoch(state, E, L)
                     if on_epoch is not None:
                         on_epoch(state)
-            elif kind == "restart":
-                st = fut.result()
-                g.restart_inertia[n] = st.inertia
-                g.restart_epoch_inertia[n] = [float(v) for v in st.ssd]
+            elif kind == "restarts":
+                for r, st in enumerate(fut.result()):
+                    g.restart_inertia[r] = st.inertia
+                    g.restart_epoch_inertia[r] = [float(v) for v in st.ssd]
             elif kind == "select":
                 g.chosen = int(fut.result())
                 g.epoch_inertia = g.restart_epoch_inertia[g.chosen]
                 g.t_fit_end = time.perf_counter()
             elif kind == "lloyd-stats":
-                g.lloyd_inertia.append(fut.result().inertia)
+                g.lloyd_inertia.append(fut.result()[0].inertia)
             elif kind == "lloyd":
                 assert g.chosen is not None
                 ckpt.save_lloyd(k, g.chosen, n, fut.result(), E, L, g.epoch_inertia, g.lloyd_inertia[: n - 1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from concurrent.futures import ThreadPoolExecutor
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from conftest import IDX_NAMES, MNIST_DIR, idx_bytes, run_cli, tree_snapshot, wr
 from distributed import Client, LocalCluster
 from scipy import ndimage
 
+from mnist_kmeans.cli import main
 from mnist_kmeans.data.augment import (
     DeformParams,
     augment,
@@ -161,10 +162,12 @@ def built(source, client, tmp_path_factory) -> str:
 def test_store_has_the_layout_and_attributes_of_an_ingested_one(source, built):
     src, info = open_store(source), open_store(built)
     assert (info.n_train, info.n_test, info.chunk_rows) == (N_ROWS, N_TEST, CHUNK_ROWS)
-    assert (info.image_shape, info.n_classes, info.md5, info.source) == (src.image_shape, src.n_classes, src.md5, src.source)
+    for attr in ("image_shape", "n_classes", "md5", "source"):  # the source's, with the md5 of its IDX files
+        assert getattr(info, attr) == getattr(src, attr), attr
     assert len(info.ingest_id) == 32 and info.ingest_id != src.ingest_id
     attrs = read_attrs(built)
-    assert attrs["format"] == FORMAT and attrs["complete"] is True
+    assert set(attrs) == set(read_attrs(source)) | {"augmented_from"}  # an ingested store's keys, and one more
+    assert attrs["format"] == FORMAT and attrs["complete"] is True and attrs["chunk_rows"] == CHUNK_ROWS
     assert attrs["augmented_from"]["store"] == source
     assert (attrs["augmented_from"]["seed"], attrs["augmented_from"]["rows"]) == (0, N_ROWS)
     group = zarr.open_group(built, mode="r", use_consolidated=False)
@@ -205,18 +208,27 @@ def test_same_seed_same_bytes_on_another_cluster_shape_other_seed_differs(source
     assert (split_arrays(tmp_path / "seed1.zarr", "train")[0] != reference).any(axis=1).mean() > 0.99
 
 
+def test_a_failed_build_leaves_nothing_behind(source, client, tmp_path):
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(source, broken)
+    chunk = next(p for p in sorted((broken / "train" / "images").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"not a blosc frame")  # every task that reads it fails, on the worker
+    with pytest.raises(Exception, match="blosc"):
+        augment(str(broken), str(tmp_path / "out.zarr"), N_ROWS, seed=0, client=client, log=quiet)
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.zarr"]  # no store, no temporary directory
+
+
 # --- the command line -------------------------------------------------------------------------------------------
 
 
-def test_bad_inputs_exit_2_with_one_line(source, built, tmp_path):
-    incomplete = tmp_path / "incomplete.zarr"
-    incomplete_store = str(incomplete)
-    ingest(str(Path(source).parent / "idx"), incomplete_store, chunk_rows=CHUNK_ROWS, log=quiet)
-    zarr.open_group(incomplete_store, mode="r+", use_consolidated=False).attrs["complete"] = False
+def test_bad_inputs_exit_2_with_one_line(source, built, tmp_path, capsys):
+    incomplete = str(tmp_path / "incomplete.zarr")
+    ingest(str(Path(source).parent / "idx"), incomplete, chunk_rows=CHUNK_ROWS, log=quiet)
+    zarr.open_group(incomplete, mode="r+", use_consolidated=False).attrs["complete"] = False
     fresh = str(tmp_path / "fresh.zarr")
     cases = {
         "no source": ["--store", str(tmp_path / "missing.zarr"), "--out", fresh, "--rows", "10"],
-        "incomplete source": ["--store", incomplete_store, "--out", fresh, "--rows", "10"],
+        "incomplete source": ["--store", incomplete, "--out", fresh, "--rows", "10"],
         "rows 0": ["--store", source, "--out", fresh, "--rows", "0"],
         "negative seed": ["--store", source, "--out", fresh, "--rows", "10", "--seed", "-1"],
         "out is store": ["--store", source, "--out", str(Path(source).parent / "." / "src.zarr/"), "--rows", "10"],
@@ -224,13 +236,15 @@ def test_bad_inputs_exit_2_with_one_line(source, built, tmp_path):
         "out complete": ["--store", source, "--out", built, "--rows", "10"],
     }
     before = tree_snapshot(Path(built))
-    with ThreadPoolExecutor(4) as pool:  # independent processes: run them side by side
-        results = dict(zip(cases, pool.map(lambda args: run_cli("augment", *args), cases.values())))
-    for what, proc in results.items():
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (what, proc.stderr)
-        assert "Traceback" not in proc.stderr and proc.stdout == "", what
-    assert "complete store is already there" in results["out complete"].stderr
+    for what, args in cases.items():  # in this process (fast): the command line's own entry point
+        assert main(["augment", *args]) == 2, what
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and captured.out == "", (what, captured)
+    # and once as a real process: exit status, one line, no traceback
+    proc = run_cli("augment", *cases["out complete"])
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.count("\n") == 1 and "complete store is already there" in proc.stderr
     assert tree_snapshot(Path(built)) == before
     assert not Path(fresh).exists()
 
@@ -241,9 +255,8 @@ def test_command_then_run_on_the_augmented_store(source, built, tmp_path):
         "local:\n  n_workers: 2\n  threads_per_worker: 1\n  memory_limit: 2GiB\n  dashboard_address: 127.0.0.1:0\n"
     )
     out = tmp_path / "cli.zarr"
-    proc = run_cli(
-        "augment", "--store", source, "--out", str(out), "--rows", str(N_ROWS), "--seed", "0", "--cluster", str(cluster_file)
-    )
+    args = ["--store", source, "--out", str(out), "--rows", str(N_ROWS), "--seed", "0", "--cluster", str(cluster_file)]
+    proc = run_cli("augment", *args)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("dashboard: http://127.0.0.1:"), proc.stdout
     assert "Traceback" not in proc.stderr
@@ -254,7 +267,8 @@ def test_command_then_run_on_the_augmented_store(source, built, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("name: augmented\nk_grid: [3, 5]\nepochs: 1\nbatch_size: 256\nn_init: 1\n")
     run_dir = tmp_path / "run"
-    proc = run_cli("run", str(job), "--cluster", str(cluster_file), "--store", str(out), "--out", str(run_dir), timeout=240)
+    args = ["--cluster", str(cluster_file), "--store", str(out), "--out", str(run_dir)]
+    proc = run_cli("run", str(job), *args, timeout=240)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["dataset"]["n_train"], metrics["dataset"]["n_test"]) == (N_ROWS, N_TEST)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,7 +146,9 @@ def test_run_directory_holds_every_file(local_run: Run, setup: Setup) -> None:
     assert "<html" in report.lower() and "dask-performance.html" in report
     perf = (d / "dask-performance.html").read_text(encoding="utf-8")
     assert "<html" in perf.lower() and "Bokeh" in perf
-    assert 'src="http' not in perf  # inline: opens offline
+    # inline: opens offline (no script or style sheet fetched from a server; a favicon link does not matter)
+    assert not re.search(r"<script\b[^>]*\bsrc=[\"']?(https?:)?//", perf, re.IGNORECASE)
+    assert not re.search(r"<link\b[^>]*\brel=[\"']?stylesheet[^>]*\bhref=[\"']?(https?:)?//", perf, re.IGNORECASE)
 
 
 def test_centroids_zarr_layout(local_run: Run, setup: Setup) -> None:
@@ -164,8 +167,8 @@ def test_centroids_zarr_layout(local_run: Run, setup: Setup) -> None:
         assert np.array_equal(e, group[f"chains/k{k}/r{chosen[k]}/centers"][...])
         assert not np.array_equal(e[0], e[-1])
         for r in range(RESTARTS):
-            attrs = group[f"chains/k{k}/r{r}"].attrs
-            assert (attrs["epochs_done"], attrs["lloyd_done"]) == (EPOCHS, LLOYD_STEPS)
+            assert group[f"chains/k{k}/r{r}"].attrs["epochs_done"] == EPOCHS
+        assert group[f"chains/k{k}/r{chosen[k]}"].attrs["lloyd_done"] == LLOYD_STEPS
 
 
 def nearest(x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,8 +193,8 @@ def test_metrics_json_schema_and_values(local_run: Run, setup: Setup) -> None:
                     "accuracy_test", "fit_seconds"):
             assert isinstance(row[key], float) and np.isfinite(row[key]), key
         for key in ("homogeneity", "completeness", "v_measure", "nmi", "accuracy_train", "accuracy_test"):
-            assert 0 <= row[key] <= 1, key
-        assert -1 <= row["ari"] <= 1 and row["inertia"] > 0 and row["fit_seconds"] >= 0
+            assert -1e-9 <= row[key] <= 1 + 1e-9, key  # (sklearn's entropies can round to 1 + 1e-16)
+        assert -1 <= row["ari"] <= 1 + 1e-9 and row["inertia"] > 0 and row["fit_seconds"] >= 0
     assert set(metrics["timings"]) >= SPEC_TIMINGS
     assert all(isinstance(v, (int, float)) and v >= 0 for v in metrics["timings"].values())
     assert metrics["timings"]["total_s"] >= metrics["timings"]["fit_s"]
@@ -433,7 +436,9 @@ def test_resume_continues_exactly(interrupted: Interrupted, setup: Setup, local_
     assert Path(resumed.stdout.strip().splitlines()[-1]) == interrupted.run_dir / "report.html"
     progress = chain_progress(interrupted.run_dir)
     assert len(progress) == len(K_GRID) * RESTARTS
-    assert all(p == (interrupted.epochs, LLOYD_STEPS) for p in progress.values()), progress
+    assert all(e == interrupted.epochs for e, _ in progress.values()), progress
+    for k in K_GRID:  # the chosen restart of each K went on to its Lloyd steps
+        assert max(lloyd for name, (_, lloyd) in progress.items() if name.startswith(f"k{k}/")) == LLOYD_STEPS
     if interrupted.epochs == EPOCHS:
         reference = finals(local_run.run_dir)
     else:  # the longer job of a retry: its own uninterrupted run

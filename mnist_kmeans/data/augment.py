@@ -63,9 +63,8 @@ Log = Callable[[str], None]
 # Rows per random stream. Creating a stream costs ~40 us (SeedSequence hashing, PCG64 set-up), a row ~100 us of
 # work: one stream per row would add ~40%, one per 256 rows adds nothing measurable.
 ROWS_PER_STREAM = 256
-# Rows deformed at once, so that memory per task does not grow with the chunk size. Measured on 28 x 28: 4,096
-# rows at once make bilinear sampling 7x slower (temporaries out of cache); 256 rows allocate temporaries of
-# 3 MB whose page faults cost 40 us of system time per row; up to 192 rows, none.
+# Rows deformed at once: the float scratch arrays of 128 rows of 28 x 28 (~0.4 MB each) stay in cache, and memory
+# per task does not grow with the chunk size. Measured: 4,096 rows at once make bilinear sampling 7x slower.
 BATCH_ROWS = 128
 REFERENCE_SIDE = 28  # the image side that the lengths of DeformParams are given for
 N_AFFINE = 5  # uniforms per row for the affine part: rotation, log-scale, shear, shift along rows, along columns
@@ -112,20 +111,40 @@ DEFAULT_PARAMS = DeformParams()
 # --- the deformation: pure functions, no store, no cluster ------------------------------------------------------------
 
 
+class _Scratch:
+    """Named scratch arrays, reused from batch to batch of one call.
+
+    Why not plain temporaries: Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, so glibc hands
+    every freed temporary back to the OS and the next batch page-faults it in again. Measured on a worker: 1.0 s
+    of system time per 10,000-row chunk (310,000 page faults), more than the deformation itself; with reused
+    arrays, none. Arrays are zero-filled when created (the bilinear border relies on it).
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        array = self._arrays.get(name)
+        if array is None or array.shape[0] < shape[0] or array.shape[1:] != shape[1:] or array.dtype != dtype:
+            array = self._arrays[name] = np.zeros(shape, dtype)
+        return array[: shape[0]]  # a leading slice: contiguous
+
+
 def n_uniforms(image_shape: tuple[int, int]) -> int:
     """Uniform numbers that one row of ``image_shape`` consumes: the affine part, then two displacement fields."""
     h, w = image_shape
     return N_AFFINE + 2 * h * w
 
 
-def row_uniforms(seed: int, start: int, n: int, n_values: int) -> np.ndarray:
+def row_uniforms(seed: int, start: int, n: int, n_values: int, out: np.ndarray | None = None) -> np.ndarray:
     """The random numbers of rows ``start .. start + n - 1``: float64 ``(n, n_values)`` in ``[0, 1)``.
 
     Row ``i``'s numbers depend only on ``(seed, i, n_values)``: they are numbers ``(i - b * R) * n_values ...`` of
     the stream of block ``b = i // R`` (``R`` = :data:`ROWS_PER_STREAM`), a PCG64 seeded by
     ``SeedSequence(seed, spawn_key=(b,))``. So any split of a range of rows into calls gives the same numbers.
+    ``out``, if given, is a C-contiguous float64 array of that shape to fill.
     """
-    out = np.empty((n, n_values))
+    out = np.empty((n, n_values)) if out is None else out
     row = start
     while row < start + n:
         block, offset = divmod(row, ROWS_PER_STREAM)
@@ -144,7 +163,7 @@ def deform_batch(images: np.ndarray, uniforms: np.ndarray, params: DeformParams 
     ----------
     images : ndarray of shape (n, H, W), uint8
         The source images.
-    uniforms : ndarray of shape (n, 5 + 2 * H * W), float in [0, 1)
+    uniforms : ndarray of shape (n, 5 + 2 * H * W), float64 in [0, 1)
         Per row: rotation, log-scale, shear, shift along rows, shift along columns, then the uniform fields of
         the row and column displacements (``H * W`` each, row-major), as :func:`row_uniforms` gives them.
     params : DeformParams, default=DEFAULT_PARAMS
@@ -159,43 +178,78 @@ def deform_batch(images: np.ndarray, uniforms: np.ndarray, params: DeformParams 
     n, h, w = images.shape
     if uniforms.shape != (n, n_uniforms((h, w))):
         raise ValueError(f"uniforms must have shape {(n, n_uniforms((h, w)))}, got {uniforms.shape}")
-    px = math.sqrt(h * w) / REFERENCE_SIDE  # lengths of params are for 28 x 28
-    # uniform in [-1, 1); the fields go to float32 first, which halves the work on the largest array
-    fields = uniforms[:, N_AFFINE:].reshape(n, 2, h, w).astype(np.float32) * np.float32(2) - np.float32(1)
-    # Smooth within each field only (sigma 0 along the row and field axes).
-    fields = ndimage.gaussian_filter(fields, sigma=(0, 0, params.sigma * px, params.sigma * px), truncate=params.truncate)
-    fields *= np.float32(params.alpha * px)
+    out = np.empty((n, h, w), np.uint8)
+    _deform_into(images, uniforms, params, _Scratch(), out)
+    return out
 
-    mat, shift = _affine(2.0 * uniforms[:, :N_AFFINE] - 1.0, params, px)  # (n, 2, 2) and (n, 2), float32
+
+def deform(
+    images: np.ndarray, seed: int, start: int, params: DeformParams = DEFAULT_PARAMS, batch_rows: int = BATCH_ROWS
+) -> np.ndarray:
+    """Rows ``start .. start + n - 1`` of an augmented set whose sources are ``images`` (uint8 ``(n, H, W)``).
+
+    Row ``start + j`` is ``images[j]`` deformed by the random numbers of row ``start + j`` (:func:`row_uniforms`,
+    :func:`deform_batch`); the result does not depend on ``batch_rows``, which only bounds the scratch memory.
+    """
+    n, h, w = images.shape
+    d = n_uniforms((h, w))
+    out = np.empty((n, h, w), np.uint8)
+    scratch = _Scratch()
+    for lo in range(0, n, batch_rows):
+        hi = min(lo + batch_rows, n)
+        uniforms = row_uniforms(seed, start + lo, hi - lo, d, out=scratch("uniforms", (hi - lo, d), np.float64))
+        _deform_into(images[lo:hi], uniforms, params, scratch, out[lo:hi])
+    return out
+
+
+def _deform_into(
+    images: np.ndarray, uniforms: np.ndarray, params: DeformParams, scratch: _Scratch, out: np.ndarray
+) -> None:
+    """:func:`deform_batch` writing into ``out``, with its float arrays taken from ``scratch``."""
+    n, h, w = images.shape
+    px = math.sqrt(h * w) / REFERENCE_SIDE  # the lengths of params are for 28 x 28
+    # The fields, uniform in [-1, 1), in float32: ample for values that are smoothed next, and half the work.
+    fields = scratch("fields", (n, 2, h, w))
+    np.multiply(uniforms[:, N_AFFINE:].reshape(n, 2, h, w), 2.0, out=fields, casting="same_kind")
+    fields -= np.float32(1)
+    smooth = scratch("smooth", (n, 2, h, w))
+    # Smooth within each field only: sigma 0 along the row and field axes.
+    ndimage.gaussian_filter(
+        fields, sigma=(0, 0, params.sigma * px, params.sigma * px), truncate=params.truncate, output=smooth
+    )
+    smooth *= np.float32(params.alpha * px)
+
+    # Source point of output pixel p: M (p - centre) + centre + shift + elastic(p), on (row, column).
+    mat, shift = _affine(2.0 * uniforms[:, :N_AFFINE] - 1.0, params, px)
     cy, cx = (h - 1) / 2, (w - 1) / 2
     yy = (np.arange(h, dtype=np.float32) - np.float32(cy))[None, :, None]
     xx = (np.arange(w, dtype=np.float32) - np.float32(cx))[None, None, :]
-    m = mat[:, :, :, None, None]
-    src_r = m[:, 0, 0] * yy + m[:, 0, 1] * xx + (np.float32(cy) + shift[:, 0, None, None]) + fields[:, 0]
-    src_c = m[:, 1, 0] * yy + m[:, 1, 1] * xx + (np.float32(cx) + shift[:, 1, None, None]) + fields[:, 1]
-    out = bilinear(images, src_r, src_c)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    rows, cols = scratch("rows", (n, h, w)), scratch("cols", (n, h, w))
+    for axis, (target, centre) in enumerate(((rows, cy), (cols, cx))):
+        np.add(smooth[:, axis], (np.float32(centre) + shift[:, axis])[:, None, None], out=target)
+        target += mat[:, axis, 0, None, None] * yy  # (n, H, 1): small temporaries
+        target += mat[:, axis, 1, None, None] * xx  # (n, 1, W)
+    values = _bilinear_into(images, rows, cols, scratch)
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    out[...] = values
 
 
 def _affine(u: np.ndarray, params: DeformParams, px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the matrix ``M = scale * R(angle) @ [[1, 0], [shear, 1]]`` on (row, column) and the shift."""
+    """Per row (``u`` uniform in [-1, 1)), ``M = scale * R(angle) @ [[1, 0], [shear, 1]]`` and the shift, float32."""
     angle = u[:, 0] * math.radians(params.max_rotation)
-    scale = [math.exp(v * math.log(params.max_scale)) for v in u[:, 1]]
     shear = u[:, 2] * params.max_shear
-    # math.cos/sin per row rather than np.cos/np.sin: numpy may dispatch these to SIMD code that rounds differently
-    # on other CPUs, and the bytes of a row must not depend on which worker computed it. n is small.
+    # math.cos/sin/exp per row, not np.cos/...: numpy may dispatch those to SIMD code that rounds differently on
+    # other CPUs, and the bytes of a row must not depend on which worker computed it. n is small.
+    scale = np.array([math.exp(v * math.log(params.max_scale)) for v in u[:, 1]])
     cos = np.array([math.cos(v) for v in angle])
     sin = np.array([math.sin(v) for v in angle])
-    rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)  # (n, 2, 2) on (row, column)
-    shear_m = np.zeros_like(rot)
-    shear_m[:, 0, 0] = shear_m[:, 1, 1] = 1.0
-    shear_m[:, 1, 0] = shear  # the column moves with the row: a slant
-    # 2 x 2 products spelled out, not matmul: no BLAS in the path of the bytes.
-    mat = np.empty_like(rot)
-    for i in range(2):
-        for j in range(2):
-            mat[:, i, j] = rot[:, i, 0] * shear_m[:, 0, j] + rot[:, i, 1] * shear_m[:, 1, j]
-    mat *= np.asarray(scale)[:, None, None]
+    mat = np.empty((len(u), 2, 2))
+    # R = [[cos, -sin], [sin, cos]] times the shear (the column moves with the row: a slant), spelled out.
+    mat[:, 0, 0] = (cos - sin * shear) * scale
+    mat[:, 0, 1] = -sin * scale
+    mat[:, 1, 0] = (sin + cos * shear) * scale
+    mat[:, 1, 1] = cos * scale
     shift = u[:, 3:5] * (params.max_shift * px)
     return mat.astype(np.float32), shift.astype(np.float32)
 
@@ -217,41 +271,50 @@ def bilinear(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarr
     -------
     ndarray of shape (n, H_out, W_out), float32
     """
+    return _bilinear_into(images, rows.astype(np.float32), cols.astype(np.float32), _Scratch()).copy()
+
+
+def _bilinear_into(images: np.ndarray, rows: np.ndarray, cols: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """:func:`bilinear` on float32 ``rows`` and ``cols``, which it overwrites; the result is a scratch array."""
     n, h, w = images.shape
+    shape = rows.shape
     # A zero border of 1 before and 2 after each axis: coordinates clipped to [-1, side] then read their two
-    # neighbours inside the padded image, and every point outside the image reads only zeros.
-    pad = np.zeros((n, h + 3, w + 3), np.float32)
+    # neighbours inside the padded image, and every point outside the image reads only zeros. Only the inside of
+    # the scratch array is ever written: its border stays zero.
+    pad = scratch("pad", (n, h + 3, w + 3))
     pad[:, 1 : h + 1, 1 : w + 1] = images
-    r = np.clip(rows, -1, h, dtype=np.float32) + np.float32(1)
-    c = np.clip(cols, -1, w, dtype=np.float32) + np.float32(1)
-    r0, c0 = np.floor(r), np.floor(c)
-    fr, fc = r - r0, c - c0
+    r0, c0 = scratch("r0", shape), scratch("c0", shape)
+    for coord, floor, side in ((rows, r0, h), (cols, c0, w)):
+        np.clip(coord, -1, side, out=coord)
+        coord += np.float32(1)  # into the padded image
+        np.floor(coord, out=floor)
+        coord -= floor  # now the fraction
     stride = w + 3
-    idx = r0.astype(np.intp) * stride + c0.astype(np.intp)
+    idx = scratch("idx", shape, np.intp)
+    np.multiply(r0, stride, out=idx, casting="unsafe")  # whole numbers, exact in float32 for any image size here
+    np.add(idx, c0, out=idx, casting="unsafe")
     idx += (np.arange(n, dtype=np.intp) * ((h + 3) * stride))[:, None, None]
-    flat = pad.ravel()
-    top_left, top_right = flat[idx], flat[idx + 1]
-    bottom_left, bottom_right = flat[idx + stride], flat[idx + stride + 1]
-    top = top_left + fc * (top_right - top_left)
-    bottom = bottom_left + fc * (bottom_right - bottom_left)
-    return top + fr * (bottom - top)
-
-
-def deform(
-    images: np.ndarray, seed: int, start: int, params: DeformParams = DEFAULT_PARAMS, batch_rows: int = BATCH_ROWS
-) -> np.ndarray:
-    """Rows ``start .. start + n - 1`` of an augmented set whose sources are ``images`` (uint8 ``(n, H, W)``).
-
-    Row ``start + j`` is ``images[j]`` deformed by the random numbers of row ``start + j``; the result does not
-    depend on ``batch_rows``, which only bounds the memory of the float temporaries.
-    """
-    n, h, w = images.shape
-    out = np.empty((n, h, w), np.uint8)
-    for lo in range(0, n, batch_rows):
-        hi = min(lo + batch_rows, n)
-        uniforms = row_uniforms(seed, start + lo, hi - lo, n_uniforms((h, w)))
-        out[lo:hi] = deform_batch(images[lo:hi], uniforms, params)
-    return out
+    flat = pad.reshape(-1)
+    top, top_right = scratch("top", shape), scratch("top_right", shape)
+    bottom, bottom_right = scratch("bottom", shape), scratch("bottom_right", shape)
+    # mode="clip": every index is inside, and "raise" would buffer the output
+    np.take(flat, idx, out=top, mode="clip")
+    idx += 1
+    np.take(flat, idx, out=top_right, mode="clip")
+    idx += stride
+    np.take(flat, idx, out=bottom_right, mode="clip")
+    idx -= 1
+    np.take(flat, idx, out=bottom, mode="clip")
+    top_right -= top  # top + fc * (top_right - top)
+    top_right *= cols
+    top += top_right
+    bottom_right -= bottom  # bottom + fc * (bottom_right - bottom)
+    bottom_right *= cols
+    bottom += bottom_right
+    bottom -= top  # top + fr * (bottom - top)
+    bottom *= rows
+    top += bottom
+    return top
 
 
 def source_rows(start: int, stop: int, n_train: int) -> np.ndarray:
@@ -432,7 +495,7 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
             "rows": plan.rows,
             "seed": plan.seed,
             "mapping": "row i is a deformation of source training row i % n_train, with its label",
-            "deformation": {"method": "elastic (Simard 2003) + affine + shift, bilinear", **dataclasses.asdict(plan.params)},
+            "deformation": {"method": "elastic (Simard 2003), affine, shift; bilinear", **dataclasses.asdict(plan.params)},
             "rows_per_stream": ROWS_PER_STREAM,
         },
     }
@@ -502,7 +565,9 @@ def _reraise(exc: BaseException, plan: _Plan) -> None:
     from distributed.scheduler import KilledWorker
 
     if isinstance(exc, (KilledWorker, CommClosedError, FutureCancelledError, TimeoutError)):
-        raise ClusterError(f"lost the cluster while writing {plan.out} ({type(exc).__name__}: {exc}); run augment again") from None
+        raise ClusterError(
+            f"lost the cluster while writing {plan.out} ({type(exc).__name__}: {exc}); run augment again"
+        ) from None
     if isinstance(exc, (OSError, zarr.errors.GroupNotFoundError)):
         raise UserError(
             f"{plan.out}: a worker cannot read {plan.source.url} or write the new store ({type(exc).__name__}: "

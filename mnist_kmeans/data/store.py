@@ -118,6 +118,11 @@ def read_rows(url: str, split: str, start: int, stop: int) -> tuple[np.ndarray, 
     return group[f"{split}/images"][start:stop], group[f"{split}/labels"][start:stop]
 
 
+def read_rows_at(url: str, split: str, rows: np.ndarray) -> np.ndarray:
+    """The images of the given rows (sorted indices) of a split, as stored (uint8)."""
+    return _open_group(url)[f"{split}/images"].get_orthogonal_selection((np.asarray(rows), slice(None)))
+
+
 # --- the worker-side chunk cache --------------------------------------------------------------------------
 # Every (K, restart) chain visits every chunk once per epoch. Without a cache, a worker would read and decode the
 # same chunk once per chain; with it, once per worker while it fits in the budget. Bounded in bytes, so that a
