@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"cluster error: {_one_line(exc)}")
         return EXIT_CLUSTER
     except KeyboardInterrupt:
-        _err("interrupted: finished work is kept; continue with --resume RUN_DIR")
+        # `run` has already said how to resume; ingest and augment leave no partial store behind
+        _err("interrupted")
         return EXIT_INTERRUPTED
 
 

@@ -32,7 +32,9 @@ from mnist_kmeans.fit import (
     batches,
     chunk_order,
     fit_chunk,
+    draw_sample,
     init_chain,
+    sample_rows,
     restore_model,
     snapshot,
 )
@@ -162,7 +164,7 @@ def test_fit_chunk_is_pure(store_info) -> None:
     params = FitParams(batch_size=100, seed=3)
     n_chunks = store_info.n_chunks("train")
     assert n_chunks >= 4
-    state = init_chain(store_info, 6, 1, params)
+    state = first_state(store_info, 6, 1, params)
     state = fit_chunk(state, store_info, 2, n_chunks, params)  # a state with non-zero counts
     before = dataclasses.replace(state, centers=state.centers.copy(), counts=state.counts.copy())
 
@@ -181,13 +183,30 @@ def test_fit_chunk_is_pure(store_info) -> None:
     assert not x.flags.writeable
 
 
+def first_state(info, k: int, restart: int, params: FitParams) -> ChainState:
+    """A chain's state before its first ``partial_fit``, as the job makes it: k-means++ on the job's sample."""
+    return init_chain(draw_sample(info, params.init_rows(k, info.n_train), params.seed), k, restart, params)
+
+
+def test_the_kmeans_pp_sample_is_seeded_rows_of_the_store(store_info, kgrid_store) -> None:
+    _, data = kgrid_store
+    rows = sample_rows(store_info.n_train, 700, 3)
+    assert len(set(rows.tolist())) == 700 and rows.min() >= 0 and rows.max() < store_info.n_train
+    assert np.array_equal(rows, sample_rows(store_info.n_train, 700, 3))
+    assert not np.array_equal(rows, sample_rows(store_info.n_train, 700, 4))
+    sample = draw_sample(store_info, 700, 3)
+    expected = data.train_images.reshape(len(data.train_images), -1)[rows]
+    assert sample.dtype == np.float32 and np.array_equal(sample, np.divide(expected, np.float32(255), dtype=np.float32))
+
+
 def test_init_chain_is_deterministic_and_depends_on_the_restart(store_info) -> None:
     params = FitParams(batch_size=100, seed=3)
-    a, b = init_chain(store_info, 6, 0, params), init_chain(store_info, 6, 0, params)
+    a, b = first_state(store_info, 6, 0, params), first_state(store_info, 6, 0, params)
     assert_states_equal(a, b)
     assert a.centers.shape == (6, store_info.n_features) and a.centers.dtype == np.float32
-    assert not np.array_equal(a.centers, init_chain(store_info, 6, 1, params).centers)
-    assert not np.array_equal(a.centers, init_chain(store_info, 6, 0, FitParams(batch_size=100, seed=4)).centers)
+    assert (a.epoch, a.chunks_done, a.n_steps, a.n_since_last_reassign) == (0, 0, 0, 0) and not a.counts.any()
+    assert not np.array_equal(a.centers, first_state(store_info, 6, 1, params).centers)
+    assert not np.array_equal(a.centers, first_state(store_info, 6, 0, FitParams(batch_size=100, seed=4)).centers)
 
 
 def test_epochs_through_a_checkpoint_continue_exactly(store_info, tmp_path: Path) -> None:
@@ -200,7 +219,7 @@ def test_epochs_through_a_checkpoint_continue_exactly(store_info, tmp_path: Path
             state = fit_chunk(state, store_info, c, n, params)
         return state
 
-    s1 = epoch(init_chain(store_info, 3, 1, params))
+    s1 = epoch(first_state(store_info, 3, 1, params))
     assert (s1.epoch, s1.chunks_done) == (1, 0)
     straight = epoch(s1)
 
@@ -232,7 +251,7 @@ def test_an_epoch_save_cut_short_is_ignored_or_whole(store_info, tmp_path: Path,
             state = fit_chunk(state, store_info, c, n, params)
         return state
 
-    s1 = epoch(init_chain(store_info, 3, 0, params))
+    s1 = epoch(first_state(store_info, 3, 0, params))
     s2 = epoch(s1)
     original_set = LocalStore.set
     for saved_before, saving in (((), s1), ((s1,), s2)):  # the first epoch (creates the chain's arrays), a later one

@@ -495,7 +495,7 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
             "rows": plan.rows,
             "seed": plan.seed,
             "mapping": "row i is a deformation of source training row i % n_train, with its label",
-            "deformation": {"method": "elastic (Simard 2003), affine, shift; bilinear", **dataclasses.asdict(plan.params)},
+            "deformation": {"method": "elastic (Simard 2003), affine, shift", **dataclasses.asdict(plan.params)},
             "rows_per_stream": ROWS_PER_STREAM,
         },
     }
