@@ -94,9 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClusterError as exc:
         _err(f"cluster error: {_one_line(exc)}")
         return EXIT_CLUSTER
-    except KeyboardInterrupt:
-        # `run` has already said how to resume; ingest and augment leave no partial store behind
-        _err("interrupted")
+    except KeyboardInterrupt as exc:
+        # `run` says how to resume in the exception; ingest and augment leave no partial store behind
+        _err(_one_line(exc) or "interrupted")
         return EXIT_INTERRUPTED
 
 

@@ -237,8 +237,9 @@ def run_job(
                 best_k = pick_best_k(rows)
                 gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
         except KeyboardInterrupt:
-            log(f"interrupted: finished epochs are saved; continue with: mnist-kmeans run {job_file} --resume {run_dir}")
-            raise
+            raise KeyboardInterrupt(
+                f"interrupted: finished epochs are saved; continue with: mnist-kmeans run {job_file} --resume {run_dir}"
+            ) from None
         except (UserError, ClusterError):
             raise
         except Exception as exc:
