@@ -9,42 +9,91 @@ Layout (Zarr v3; only the client process writes it)::
     chains/k{K}/r{R}/lloyd        float32 (lloyd_steps, K, H*W)  centers after each full-batch Lloyd step
 
 A chain's attributes say how much of it is saved (``epochs_done``, ``lloyd_done``, and the two integer counters of
-the mini-batch state per epoch). An epoch's arrays are written first and the attribute after, so an interrupted
-write is ignored on resume rather than half-used. Nothing here is a pickle: arrays and JSON only.
+the mini-batch state per epoch). An epoch's arrays are written first and the attributes after, all in one write of
+``zarr.json`` (atomic on a local store), so an interrupted write is ignored on resume rather than half-used. Nothing
+here is a pickle: arrays and JSON only.
+
+A write that fails (a full or read-only disk) is a one-line :class:`UserError` naming the path; what was saved before
+stays valid. What a resume reads back is checked against the arrays it indexes, so a damaged or foreign
+``centroids.zarr`` is a UserError too, never an IndexError deep in the fit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from mnist_kmeans.errors import UserError
 from mnist_kmeans.fit import ChainState
+
+
+@contextlib.contextmanager
+def _writing(path: str | Path | None) -> Iterator[None]:
+    """OSError (no space left, read-only file system, permissions) -> a one-line UserError naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or path
+        raise UserError(f"{where}: cannot write the checkpoint: {exc.strerror or exc}") from None
 
 
 class Checkpoint:
     """Reads and writes ``centroids.zarr``; create with :meth:`create` or :meth:`open`."""
 
-    def __init__(self, group: zarr.Group):
+    def __init__(self, group: zarr.Group, path: str | Path | None = None):
         self.group = group
+        self.path = path
 
     @classmethod
     def create(cls, path: str | Path, image_shape: tuple[int, int]) -> Checkpoint:
-        group = zarr.create_group(store=str(path), zarr_format=3, attributes={"image_shape": list(image_shape)})
-        return cls(group)
+        with _writing(path):
+            group = zarr.create_group(store=str(path), zarr_format=3, attributes={"image_shape": list(image_shape)})
+        return cls(group, path)
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
-        return cls(zarr.open_group(store=str(path), mode="r+", use_consolidated=False))
+        try:
+            group = zarr.open_group(store=str(path), mode="r+", use_consolidated=False, zarr_format=3)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot open the checkpoint: {type(exc).__name__}: {exc}") from None
+        ckpt = cls(group, path)
+        ckpt.check()
+        return ckpt
+
+    def check(self) -> None:
+        """Validate every saved chain (see :meth:`progress`) now, before a cluster starts or anything is written."""
+        chains = self.group.get("chains")
+        if chains is None:
+            return
+        with warnings.catch_warnings():  # a directory left without its zarr.json by a failed write is skipped
+            warnings.simplefilter("ignore", category=UserWarning)
+            names = [(kname, rname) for kname, kgroup in chains.groups() for rname, _ in kgroup.groups()]
+        for kname, rname in names:
+            if not (kname[:1] == "k" and kname[1:].isdigit() and rname[:1] == "r" and rname[1:].isdigit()):
+                raise UserError(f"{self.path}/chains/{kname}/{rname}: not a chain of this project; start a new run")
+            self.progress(int(kname[1:]), int(rname[1:]))
 
     # --- chains ---------------------------------------------------------------------------------------
 
+    _ARRAYS = ("centers", "counts", "lloyd")
+
     def _chain(self, k: int, restart: int, epochs: int, lloyd_steps: int, n_features: int) -> zarr.Group:
         name = f"chains/k{k}/r{restart}"
-        if name in self.group:
+        if name in self.group and all(a in self.group[name] for a in self._ARRAYS):
             return self.group[name]
-        g = self.group.create_group(name, attributes={"epochs_done": 0, "lloyd_done": 0, "n_since_last_reassign": [], "n_steps": []})
+        with _writing(self.path):  # new, or made only in part (the disk filled while it was created): make it again
+            return self._new_chain(name, k, epochs, lloyd_steps, n_features)
+
+    def _new_chain(self, name: str, k: int, epochs: int, lloyd_steps: int, n_features: int) -> zarr.Group:
+        g = self.group.create_group(
+            name, attributes={"epochs_done": 0, "lloyd_done": 0, "n_since_last_reassign": [], "n_steps": []},
+            overwrite=True,
+        )
         g.create_array("centers", shape=(epochs, k, n_features), dtype="float32", chunks=(1, k, n_features))
         g.create_array("counts", shape=(epochs, k), dtype="float32", chunks=(1, k))
         g.create_array("lloyd", shape=(max(lloyd_steps, 1), k, n_features), dtype="float32", chunks=(1, k, n_features))
@@ -54,16 +103,19 @@ class Checkpoint:
         """Save a chain's state at the end of epoch ``state.epoch`` (1-based count of epochs done)."""
         g = self._chain(state.k, state.restart, epochs, lloyd_steps, state.centers.shape[1])
         e = state.epoch - 1
-        g["centers"][e] = state.centers
-        g["counts"][e] = state.counts
-        attrs = dict(g.attrs)
-        g.attrs.update(
-            {
-                "epochs_done": state.epoch,
-                "n_since_last_reassign": attrs["n_since_last_reassign"][:e] + [state.n_since_last_reassign],
-                "n_steps": attrs["n_steps"][:e] + [state.n_steps],
-            }
-        )
+        with _writing(self.path):
+            g["centers"][e] = state.centers
+            g["counts"][e] = state.counts
+            attrs = dict(g.attrs)
+            # One write of zarr.json (``g.attrs.update`` would write once per key: a kill between two writes left
+            # epochs_done advanced without its counters).
+            g.update_attributes(
+                {
+                    "epochs_done": state.epoch,
+                    "n_since_last_reassign": attrs["n_since_last_reassign"][:e] + [state.n_since_last_reassign],
+                    "n_steps": attrs["n_steps"][:e] + [state.n_steps],
+                }
+            )
 
     def save_lloyd(
         self,
@@ -81,19 +133,47 @@ class Checkpoint:
         Only the chosen restart of a K has Lloyd steps: ``lloyd_done > 0`` marks it.
         """
         g = self._chain(k, restart, epochs, lloyd_steps, centers.shape[1])
-        g["lloyd"][step - 1] = centers
-        g.attrs.update({"epoch_inertia": epoch_inertia, "lloyd_inertia": lloyd_inertia, "lloyd_done": step})
+        with _writing(self.path):
+            g["lloyd"][step - 1] = centers
+            g.update_attributes({"epoch_inertia": epoch_inertia, "lloyd_inertia": lloyd_inertia, "lloyd_done": step})
 
     def chain_attrs(self, k: int, restart: int) -> dict:
         return dict(self.group[f"chains/k{k}/r{restart}"].attrs)
 
     def progress(self, k: int, restart: int) -> tuple[int, int]:
-        """(epochs_done, lloyd_done) saved for a chain; (0, 0) when nothing is."""
+        """(epochs_done, lloyd_done) saved for a chain; (0, 0) when nothing is.
+
+        Checks what the attributes claim against the arrays they index (a damaged or foreign checkpoint is a
+        UserError naming the chain, not an IndexError later).
+        """
         name = f"chains/k{k}/r{restart}"
         if name not in self.group:
             return 0, 0
-        a = self.group[name].attrs
-        return int(a["epochs_done"]), int(a["lloyd_done"])
+        try:
+            g = self.group[name]
+            a = dict(g.attrs)
+            epochs_done, lloyd_done = a["epochs_done"], a["lloyd_done"]
+            if epochs_done == 0 and lloyd_done == 0 and not all(x in g for x in self._ARRAYS):
+                return 0, 0  # created in part when a write failed (a full disk): nothing of it was saved
+            centers, counts, lloyd = g["centers"], g["counts"], g["lloyd"]
+            for key, value, top in (("epochs_done", epochs_done, centers.shape[0]), ("lloyd_done", lloyd_done, lloyd.shape[0])):
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+                    raise ValueError(f"{key} = {value!r}, the arrays hold {top}")
+            if centers.ndim != 3 or centers.shape[1] != k or counts.shape != centers.shape[:2] or lloyd.shape[1:] != centers.shape[1:]:
+                raise ValueError(f"arrays of shapes {centers.shape}, {counts.shape}, {lloyd.shape} do not hold K={k} centers")
+            for key in ("n_since_last_reassign", "n_steps"):
+                values = a[key]
+                if not isinstance(values, list) or len(values) < epochs_done or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in values[:epochs_done]
+                ):
+                    raise ValueError(f"{key} does not hold an integer for each of the {epochs_done} saved epochs")
+            if lloyd_done:
+                for key in ("epoch_inertia", "lloyd_inertia"):
+                    if not isinstance(a.get(key), list):
+                        raise ValueError(f"{key} is missing")
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"{self.path or 'centroids.zarr'}/{name}: damaged checkpoint ({exc}); start a new run") from None
+        return epochs_done, lloyd_done
 
     def load_state(self, k: int, restart: int) -> ChainState:
         """The chain's state after its last saved epoch."""
@@ -112,11 +192,10 @@ class Checkpoint:
 
     def epoch_centers(self, k: int, restart: int) -> np.ndarray:
         """float32 (epochs_done, K, H*W): the chain's centers after each saved epoch."""
-        name = f"chains/k{k}/r{restart}"
-        if name not in self.group:
+        epochs_done, _ = self.progress(k, restart)
+        if epochs_done == 0:
             return np.zeros((0, k, 0), dtype=np.float32)
-        g = self.group[name]
-        return np.asarray(g["centers"][: int(g.attrs["epochs_done"])])
+        return np.asarray(self.group[f"chains/k{k}/r{restart}/centers"][:epochs_done])
 
     def lloyd_centers(self, k: int, restart: int) -> np.ndarray:
         g = self.group[f"chains/k{k}/r{restart}"]
@@ -126,8 +205,9 @@ class Checkpoint:
 
     def save_result(self, k: int, final: np.ndarray, epochs: np.ndarray) -> None:
         """SPEC's arrays for the chosen model of K: ``final/k{K}`` and ``epochs/k{K}``."""
-        for name, data in ((f"final/k{k}", final), (f"epochs/k{k}", epochs)):
-            self.group.create_array(name, data=np.asarray(data, dtype=np.float32), overwrite=True)
+        with _writing(self.path):
+            for name, data in ((f"final/k{k}", final), (f"epochs/k{k}", epochs)):
+                self.group.create_array(name, data=np.asarray(data, dtype=np.float32), overwrite=True)
 
     def finals(self) -> dict[int, np.ndarray]:
         if "final" not in self.group:

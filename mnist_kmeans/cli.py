@@ -57,6 +57,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         ingest(args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=_err)
     elif args.command == "run":
+        from mnist_kmeans.config import load_cluster, load_job
+
+        # Validate the files before importing the numeric stack: a typo answers in a fraction of a second.
+        load_job(args.job)
+        if args.cluster is not None:
+            load_cluster(args.cluster)
         from mnist_kmeans.run import run_job
 
         report = run_job(

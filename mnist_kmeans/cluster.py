@@ -1,4 +1,15 @@
-"""connect(): a Client to the embedded LocalCluster of ``cluster.yaml``, or to a running scheduler (TCP or TLS)."""
+"""connect(): a Client to the embedded LocalCluster of ``cluster.yaml``, or to a running scheduler (TCP or TLS).
+
+Exposure: the embedded cluster's scheduler and workers listen on 127.0.0.1 only, and its dashboard on the address of
+``local.dashboard_address`` (default ``127.0.0.1:8787``; a bare ``:8787`` means every interface). A ``tls://``
+scheduler is joined with the CA, certificate and key of ``cluster.yaml``; without them, or with a certificate the
+scheduler does not trust, the connection is refused (exit 3) before any work is sent.
+
+Loss: a client that loses its scheduler tries to reconnect for ``connect_timeout`` seconds and then closes; every
+future it waits on fails, and ``run`` turns that into exit 3 with the ``--resume`` command. Distributed's own log
+records in this process are kept to errors, and its "Failed to reconnect ..." is dropped, so that the error stays
+one line.
+"""
 
 from __future__ import annotations
 
@@ -66,14 +77,23 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
     address = scheduler or cfg.scheduler
     if address is None:
         local = cfg.local
-        cluster = LocalCluster(
-            n_workers=local.n_workers,
-            threads_per_worker=local.threads_per_worker,
-            memory_limit=local.memory_limit,
-            dashboard_address=local.dashboard_address,
-            processes=local.processes,
-            silence_logs=logging.ERROR,
-        )
+        try:
+            cluster = LocalCluster(
+                # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
+                # assumed). Threads (processes: false) talk in-process and take no host.
+                host="127.0.0.1" if local.processes else None,
+                n_workers=local.n_workers,
+                threads_per_worker=local.threads_per_worker,
+                memory_limit=local.memory_limit,
+                dashboard_address=local.dashboard_address,
+                processes=local.processes,
+                # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
+                # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
+                silence_logs=logging.CRITICAL,
+            )
+        except Exception as exc:  # a port taken, no memory for the workers, a worker that dies at start ...
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise ClusterError(f"cannot start the local cluster of the cluster file ({reason})") from None
         try:
             with Client(cluster) as client:
                 yield client, describe(client, embedded=True)
@@ -81,12 +101,26 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
             cluster.close()
         return
 
+    if address.startswith("tls://") and cfg.tls is None:
+        raise ClusterError(
+            f"{address}: refused: a tls:// scheduler admits only clients with a certificate it trusts; "
+            "set tls (ca_file, cert, key) in the cluster file"
+        )
     try:
         client = Client(address, timeout=cfg.connect_timeout, security=security_of(cfg))
     except Exception as exc:  # OSError, TimeoutError, a TLS handshake refused, a malformed address ...
-        raise ClusterError(
-            f"{address}: scheduler not reachable within {cfg.connect_timeout:g} s ({type(exc).__name__}: {exc})"
-        ) from None
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if "SSL" in reason or "certificate" in reason.lower():
+            raise ClusterError(
+                f"{address}: TLS handshake refused ({reason}); check tls ca_file, cert and key in the cluster file"
+            ) from None
+        raise ClusterError(f"{address}: scheduler not reachable within {cfg.connect_timeout:g} s ({reason})") from None
+    # The client's share of distributed's logging goes to our stderr: keep it to errors (no INFO records with
+    # tracebacks when a comm closes), and drop the reconnect error that `run` reports itself, with how to resume.
+    dist_log, quiet = logging.getLogger("distributed"), _DropReconnectNoise()
+    client_log, level = logging.getLogger("distributed.client"), dist_log.level
+    dist_log.setLevel(max(level, logging.ERROR))
+    client_log.addFilter(quiet)
     try:
         try:
             client.wait_for_workers(1, timeout=cfg.connect_timeout)
@@ -94,4 +128,16 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
             raise ClusterError(f"{address}: the scheduler has no worker after {cfg.connect_timeout:g} s") from None
         yield client, describe(client, embedded=False)
     finally:
-        client.close()
+        try:
+            client.close(timeout=cfg.connect_timeout)
+        except Exception:  # a client whose scheduler is gone may fail to close cleanly: nothing is left to release
+            pass
+        client_log.removeFilter(quiet)
+        dist_log.setLevel(level)
+
+
+class _DropReconnectNoise(logging.Filter):
+    """Drops the client's "Failed to reconnect to scheduler ..." record: ``run`` says it, with how to resume."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to reconnect")

@@ -198,7 +198,7 @@ def load_job(path: str | Path) -> JobConfig:
     return JobConfig(
         name=name,
         k_grid=k_grid,
-        store=c.str("store", DEFAULT_STORE),
+        store=c.str("store") or DEFAULT_STORE,  # `store:` left empty means the default, not a store named None
         epochs=c.int("epochs", JobConfig.epochs, minimum=1, maximum=MAX_EPOCHS),
         batch_size=c.int("batch_size", JobConfig.batch_size, minimum=1, maximum=MAX_BATCH),
         n_init="auto" if c.data.get("n_init", "auto") == "auto" else c.int("n_init", 1, minimum=1, maximum=MAX_N_INIT),

@@ -117,7 +117,7 @@ def restore_model(state: ChainState, params: FitParams, random_state: np.random.
 
     scikit-learn keeps the mini-batch state in a few attributes that its first ``partial_fit`` creates; setting
     them from the checkpoint continues the chain as if the estimator had never left memory. The test
-    ``test_fit_core.py::test_restore_continues_exactly`` guards this against scikit-learn changes.
+    ``tests/test_fit.py`` guards this against scikit-learn changes.
     """
     model = MiniBatchKMeans(
         n_clusters=state.k,

@@ -79,7 +79,10 @@ def _versions() -> dict[str, str]:
 
 
 def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None, info_url: str) -> tuple[Path, bool]:
-    """The run directory and whether it is a resume; refuses anything that would mix or overwrite runs."""
+    """The run directory and whether it is a resume; refuses anything that would mix or overwrite runs.
+
+    Only checks: nothing is created until the cluster answers, so a run that never started leaves nothing behind.
+    """
     if resume:
         run_dir = Path(resume)
         saved = run_dir / "job.yaml"
@@ -100,13 +103,16 @@ def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None, info_u
                 )
         return run_dir, True
     run_dir = Path(out) if out else Path("runs") / f"{job.slug}-{utc_stamp()}"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir} to continue it)")
+    return run_dir, False
+
+
+def _make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"{run_dir}: cannot create run directory: {exc.strerror or exc}") from None
-    return run_dir, False
 
 
 def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
@@ -199,8 +205,6 @@ def run_job(
     if resuming:
         _check_same_store(run_dir, info)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    write_atomic(run_dir / "job.yaml", yaml.safe_dump(job.to_yaml_dict(), sort_keys=False))
-    ckpt = Checkpoint.open(run_dir / "centroids.zarr") if resuming else Checkpoint.create(run_dir / "centroids.zarr", info.image_shape)
 
     from distributed import performance_report
 
@@ -228,8 +232,13 @@ def run_job(
             },
             "resumed": resuming,
         }
-        if not resuming:
+        if resuming:
+            ckpt = Checkpoint.open(run_dir / "centroids.zarr")
+        else:
+            _make_run_dir(run_dir)
+            write_atomic(run_dir / "job.yaml", yaml.safe_dump(job.to_yaml_dict(), sort_keys=False))
             write_json(run_dir / "manifest.json", manifest)
+            ckpt = Checkpoint.create(run_dir / "centroids.zarr", info.image_shape)
         t_fit = time.perf_counter()
         try:
             with performance_report(filename=str(run_dir / "dask-performance.html"), mode="inline"):
@@ -238,12 +247,12 @@ def run_job(
                 gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
-                f"interrupted: finished epochs are saved; continue with: mnist-kmeans run {job_file} --resume {run_dir}"
+                f"interrupted: finished epochs are saved; continue with: {_resume_command(job_file, run_dir, store)}"
             ) from None
         except (UserError, ClusterError):
             raise
         except Exception as exc:
-            _raise_cluster_or_data_error(exc, run_dir, job_file)
+            _raise_cluster_or_data_error(exc, run_dir, job_file, store=store, client=client)
             raise
         t_done = time.perf_counter()
 
@@ -328,14 +337,46 @@ def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray
     )
 
 
-def _raise_cluster_or_data_error(exc: Exception, run_dir: Path, job_file: str) -> None:
-    """Turn what a lost cluster raises into a ClusterError that says how to resume."""
+def _resume_command(job_file: str, run_dir: Path, store: str | None) -> str:
+    """The command line that continues this run (``--store`` too when it was given: a resume must use the same)."""
+    import shlex
+
+    parts = ["mnist-kmeans", "run", str(job_file), "--resume", str(run_dir)] + (["--store", store] if store else [])
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _raise_cluster_or_data_error(
+    exc: Exception, run_dir: Path, job_file: str, store: str | None = None, client: Any = None
+) -> None:
+    """Turn what a lost cluster raises into a ClusterError that says how to resume; leave other errors alone.
+
+    A cluster is lost when the client lost its scheduler (whatever the exception that surfaced first), or when a
+    task could not survive the workers that died under it (``KilledWorker``), or a comm failed. A file system error
+    of the run directory is not a lost cluster: the checkpoint and ``files.py`` already raise it as a UserError.
+    """
+    import errno
+
     from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
 
-    if isinstance(exc, (KilledWorker, CommClosedError, FutureCancelledError, OSError, TimeoutError)):
+    cause = exc.__context__  # e.g. the checkpoint's UserError, then dask-performance.html failing on the same disk
+    while cause is not None:
+        if isinstance(cause, (UserError, ClusterError)):
+            raise cause from None
+        cause = cause.__context__
+    disk_errnos = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
+    in_run_dir = isinstance(exc, OSError) and bool(exc.filename) and os.path.abspath(str(exc.filename)).startswith(
+        os.path.abspath(run_dir) + os.sep
+    )
+    if isinstance(exc, OSError) and not isinstance(exc, CommClosedError) and (in_run_dir or exc.errno in disk_errnos):
+        # e.g. dask-performance.html on a full disk; nothing written so far is passed off as complete
+        raise UserError(f"{exc.filename or run_dir}: cannot write: {exc.strerror or exc}") from None
+    lost_scheduler = client is not None and getattr(client, "status", "running") not in ("running", "connecting")
+    if lost_scheduler or isinstance(exc, (KilledWorker, FutureCancelledError, OSError, TimeoutError)):
+        what = "lost the scheduler" if lost_scheduler else "lost the cluster"
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise ClusterError(
-            f"lost the cluster ({type(exc).__name__}: {exc}); finished epochs are saved, continue with: "
-            f"mnist-kmeans run {job_file} --resume {run_dir}"
+            f"{what} ({reason}); finished epochs are saved in {run_dir}, continue on any cluster with: "
+            f"{_resume_command(job_file, run_dir, store)}"
         ) from None

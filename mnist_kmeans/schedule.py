@@ -259,7 +259,9 @@ def run_chains(
             del fut
             progress.update(groups, E)
     except BaseException:
-        client.cancel(list(events), force=True)
+        # Drop the references and let closing the client release the work: cancelling futures whose
+        # intermediate results have no holder trips an assertion in the scheduler (distributed 2026.8).
+        events.clear()
         raise
     finally:
         progress.update(groups, E, force=True)

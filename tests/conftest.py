@@ -193,3 +193,184 @@ KGRID_STORE_ARGS = {"chunk_rows": 500, "n_train": 3000, "n_test": 500, "h": 10, 
 def kgrid_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdxDataset]:
     """One store for the whole session (see ``KGRID_STORE_ARGS``) and the data it holds; tests only read it."""
     return make_small_store(tmp_path_factory.mktemp("kgrid-store"), **KGRID_STORE_ARGS)
+
+
+# --- real Dask processes and runs to disturb (tests/test_reliability.py, tests/test_tls.py) ---------------------------
+
+from typing import Any  # noqa: E402 - used by the helpers below only
+
+
+def loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session=True`` and whatever it started (TERM, then KILL)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# One BLAS/OpenMP thread per worker process, as the nanny sets it (``--no-nanny`` workers do not get it).
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class DaskCluster:
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, each in its own session so that a test can
+    kill one alone; ``tls`` = ``{"ca_file", "cert", "key"}`` makes every process speak ``tls://`` with those files."""
+
+    def __init__(self, root: Path, tls: dict[str, str] | None = None, connect_timeout: float = 60):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.address = ""  # known once the scheduler has chosen its port (start_scheduler)
+        self.scheduler_file = self.root / "scheduler.json"
+        self.connect_timeout = connect_timeout
+        self.scheduler: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._n = 0
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--tls-ca-file", self.tls["ca_file"], "--tls-cert", self.tls["cert"], "--tls-key", self.tls["key"]]
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - the child holds it
+        try:
+            return subprocess.Popen(
+                [str(Path(sys.executable).parent / "dask"), *args], cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, **ONE_THREAD_ENV, **(env or {})},
+            )
+        finally:
+            log.close()
+
+    def start_scheduler(self, timeout: float = 120) -> DaskCluster:
+        """Start the scheduler on a port it chooses itself (no race for a port picked in advance) and wait for the
+        address it writes to its scheduler file."""
+        import json
+        import time
+
+        args = ["scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+                "--idle-timeout", "900", "--scheduler-file", str(self.scheduler_file)]
+        if self.tls:
+            args += ["--protocol", "tls", *self._tls_args()]
+        self.scheduler_file.unlink(missing_ok=True)
+        self.scheduler = self._spawn("scheduler", args)
+        deadline = time.monotonic() + timeout
+        while not self.address:
+            try:
+                self.address = json.loads(self.scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                if self.scheduler.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the scheduler did not start; see {self.root / 'scheduler.log'}") from None
+                time.sleep(0.05)
+        return self
+
+    def add_worker(self, nanny: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """One worker process of one thread (``nanny``: under a nanny, which restarts it when it dies)."""
+        self._n += 1
+        args = ["worker", self.address, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "2GiB",
+                "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", "--death-timeout", "120",
+                "--local-directory", str(self.root / f"worker{self._n}"), *self._tls_args()]
+        if not nanny:
+            args.append("--no-nanny")
+        proc = self._spawn(f"worker{self._n}", args, env)
+        self.workers.append(proc)
+        return proc
+
+    def security(self) -> Any:
+        if not self.tls:
+            return None
+        from distributed.security import Security
+
+        return Security(tls_ca_file=self.tls["ca_file"], tls_client_cert=self.tls["cert"],
+                        tls_client_key=self.tls["key"], require_encryption=True)
+
+    def client(self) -> Any:
+        from distributed import Client
+
+        return Client(self.address, timeout=self.connect_timeout, security=self.security())
+
+    def wait_for_workers(self, n: int, timeout: float = 120) -> dict[str, int]:
+        """Block until ``n`` workers are registered; return ``{worker address: pid}``."""
+        with self.client() as client:
+            client.wait_for_workers(n, timeout=timeout)
+            return client.run(os.getpid)
+
+    def stop(self) -> None:
+        for proc in [*reversed(self.workers), *([self.scheduler] if self.scheduler else [])]:
+            stop_session(proc)
+
+
+def chain_progress(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """``k{K}/r{R}`` -> (epochs_done, lloyd_done) saved so far in a live run's ``centroids.zarr`` (files read directly)."""
+    import json
+
+    out = {}
+    for meta in (Path(run_dir) / "centroids.zarr" / "chains").glob("k*/r*/zarr.json"):
+        try:
+            attrs = json.loads(meta.read_text())["attributes"]
+            out[f"{meta.parent.parent.name}/{meta.parent.name}"] = (int(attrs["epochs_done"]), int(attrs["lloyd_done"]))
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+    return out
+
+
+@dataclass
+class LiveRun:
+    """``python -m mnist_kmeans ARGS`` started in its own session, output to files, for a test to disturb."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    @classmethod
+    def start(cls, args: list[str], logs: Path, env: dict[str, str] | None = None) -> LiveRun:
+        logs.parent.mkdir(parents=True, exist_ok=True)
+        out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
+        with open(out, "w") as fo, open(err, "w") as fe:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mnist_kmeans", *args], cwd=REPO_ROOT, stdout=fo, stderr=fe,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
+            )
+        return cls(proc, out, err)
+
+    def wait_for_epoch(self, run_dir: Path, timeout: float = 240) -> dict[str, tuple[int, int]]:
+        """Poll until some chain has saved an epoch; return the progress then (empty if the run ended first)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            progress = chain_progress(run_dir)
+            if any(e >= 1 for e, _ in progress.values()):
+                return progress
+            time.sleep(0.02)
+        return {}
+
+    def finish(self, timeout: float = 240) -> tuple[int, str, str]:
+        """Wait for the exit; return (exit code, stdout, stderr). The session is stopped in any case."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            stop_session(self.proc)
+        return self.proc.returncode, self.out.read_text(), self.err.read_text()

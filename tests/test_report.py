@@ -142,7 +142,9 @@ def test_report_holds_every_part(rendered: tuple[Path, str, _Page]) -> None:
     metrics = _metrics(run)
     text = " ".join(" ".join(page.text).split())
     # summary
-    assert f"Best K {metrics['best_k']}" in text
+    assert f"Best clustering: K {metrics['best_k']} highest ARI" in text
+    top = max(metrics["results"], key=lambda r: (r["accuracy_test"], -r["k"]))
+    assert f"Most accurate: K={top['k']} {100 * top['accuracy_test']:.2f} %" in text
     best = next(r for r in metrics["results"] if r["k"] == metrics["best_k"])
     assert f"{100 * best['accuracy_test']:.2f} %" in text
     assert metrics["cluster"]["dashboard"] in text and metrics["cluster"]["scheduler"] in text

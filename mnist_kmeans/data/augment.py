@@ -55,7 +55,16 @@ import zarr
 from scipy import ndimage
 
 from mnist_kmeans.data.ingest import _existing_store, _local_path, _staging
-from mnist_kmeans.data.store import StoreInfo, create_split, create_store, mark_complete, open_store, read_rows
+from mnist_kmeans.data.store import (
+    CHECKSUM_ATTR,
+    StoreInfo,
+    chunk_checksum,
+    create_split,
+    create_store,
+    mark_complete,
+    open_store,
+    read_rows,
+)
 from mnist_kmeans.errors import ClusterError, UserError
 
 Log = Callable[[str], None]
@@ -363,24 +372,31 @@ def _open_target(target: str) -> zarr.Group:
     return zarr.open_group(store=target, mode="r+", use_consolidated=False)
 
 
-def augment_chunk(info: StoreInfo, target: str, start: int, stop: int, seed: int, params: DeformParams) -> int:
+def _write_chunk(target: str, split: str, start: int, images: np.ndarray, labels: np.ndarray) -> tuple[str, int, int, int]:
+    """Write one whole chunk (also when it is all zeros) and return (split, chunk index, CRC-32 of images, of labels):
+    the sums ``store.verify_chunk`` checks on every later read."""
+    group = _open_target(target)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group[f"{split}/images"][start : start + len(images)] = images
+        group[f"{split}/labels"][start : start + len(labels)] = labels
+    index = start // group[f"{split}/images"].chunks[0]
+    return split, index, chunk_checksum(images), chunk_checksum(labels)
+
+
+def augment_chunk(
+    info: StoreInfo, target: str, start: int, stop: int, seed: int, params: DeformParams
+) -> tuple[str, int, int, int]:
     """Task: deform the source rows of augmented rows ``[start, stop)`` and write them, one whole chunk."""
     images, labels = _read_source(info, start, stop)
     h, w = info.image_shape
     deformed = deform(images.reshape(-1, h, w), seed, start, params)
-    group = _open_target(target)
-    group["train/images"][start:stop] = deformed.reshape(stop - start, h * w)
-    group["train/labels"][start:stop] = labels
-    return stop - start
+    return _write_chunk(target, "train", start, deformed.reshape(stop - start, h * w), labels)
 
 
-def copy_test_chunk(info: StoreInfo, target: str, start: int, stop: int) -> int:
+def copy_test_chunk(info: StoreInfo, target: str, start: int, stop: int) -> tuple[str, int, int, int]:
     """Task: copy test rows ``[start, stop)`` unchanged, one whole chunk."""
     images, labels = read_rows(info.url, "test", start, stop)
-    group = _open_target(target)
-    group["test/images"][start:stop] = images
-    group["test/labels"][start:stop] = labels
-    return stop - start
+    return _write_chunk(target, "test", start, images, labels)
 
 
 # --- the command ------------------------------------------------------------------------------------------------------
@@ -506,8 +522,8 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
             create_split(group, "test", src.n_test, src.n_features, src.chunk_rows)
         except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
             raise UserError(f"{plan.out}: cannot write the store: {exc}") from None
-        _run_tasks(client, _tasks(plan, target, attrs["ingest_id"][:8]), plan, log)
-        mark_complete(group, {})
+        checksums = _run_tasks(client, _tasks(plan, target, attrs["ingest_id"][:8]), plan, log)
+        mark_complete(group, {CHECKSUM_ATTR: checksums})
     info = open_store(str(plan.local) if plan.local is not None else plan.out)
     seconds = time.perf_counter() - t0
     log(
@@ -526,8 +542,13 @@ def _tasks(plan: _Plan, target: str, token: str) -> Iterator[tuple[str, Callable
         yield f"augment-copy-test-{token}-{i}", copy_test_chunk, (plan.source, target, start, stop)
 
 
-def _run_tasks(client: Any, tasks: Iterator[tuple[str, Callable[..., int], tuple]], plan: _Plan, log: Log) -> None:
-    """Run the tasks with a bounded window in flight; raise on the first failure, cancelling the rest."""
+def _run_tasks(
+    client: Any, tasks: Iterator[tuple[str, Callable[..., tuple], tuple]], plan: _Plan, log: Log
+) -> dict[str, dict[str, list[int]]]:
+    """Run the tasks with a bounded window in flight; raise on the first failure, cancelling the rest.
+
+    Returns the CRC-32 of every chunk written, ``{split: {"images": [...], "labels": [...]}}`` (``chunk_crc32``).
+    """
     from distributed import as_completed
 
     total = -(-plan.rows // plan.source.chunk_rows) + plan.source.n_chunks("test")
@@ -539,11 +560,14 @@ def _run_tasks(client: Any, tasks: Iterator[tuple[str, Callable[..., int], tuple
         # retries: a chunk is rewritten whole, so running a task again is harmless (e.g. a flaky remote store).
         return client.submit(func, *args, key=key, retries=2)
 
+    n_chunks = {"train": -(-plan.rows // plan.source.chunk_rows), "test": plan.source.n_chunks("test")}
+    sums = {split: {"images": [0] * n, "labels": [0] * n} for split, n in n_chunks.items()}
     running = as_completed([submit(t) for _, t in zip(range(window), tasks)])
     done, next_report = 0, 0.1
     try:
         for future in running:
-            future.result()
+            split, index, crc_images, crc_labels = future.result()
+            sums[split]["images"][index], sums[split]["labels"][index] = crc_images, crc_labels
             future.release()
             done += 1
             task = next(tasks, None)
@@ -556,6 +580,7 @@ def _run_tasks(client: Any, tasks: Iterator[tuple[str, Callable[..., int], tuple
         client.cancel(list(running.futures))
         _reraise(exc, plan)
         raise
+    return sums
 
 
 def _reraise(exc: BaseException, plan: _Plan) -> None:

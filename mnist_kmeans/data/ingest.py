@@ -7,11 +7,13 @@ An ingest:
 2. looks at the target: nothing there, a store of this format (complete or not), or anything else (refused);
 3. with a complete store there and no ``force``, reads the source once for its md5 sums: the same sums are a no-op
    that writes nothing, other sums an error that asks for ``--force``;
-4. otherwise streams every file into a new store, a chunk at a time (memory: one chunk), checks each file's md5
-   as it ends, and writes ``complete: true`` last. A local store is built in a sibling directory
-   ``<store>.tmp-<hex>`` and renamed into place only once complete, so an error or a kill leaves what was there
-   untouched; the next ingest removes the leftovers. A remote store (URL) is written in place: until its last
-   attribute is written it is incomplete, which ``open_store`` refuses, and the next ingest rebuilds it.
+4. otherwise streams every file into a new store, a chunk at a time (memory: one chunk), checks each file's md5 as
+   it ends, records the CRC-32 of every chunk written (``chunk_crc32``, checked by every later read, see
+   ``store.py``), writes every chunk even when it is all zeros, and writes ``complete: true`` last. A local store is
+   built in a sibling directory ``<store>.tmp-<hex>`` and renamed into place only once complete, so an error or a
+   kill leaves what was there untouched; the next ingest removes the leftovers. A remote store (URL) is written in
+   place: until its last attribute is written it is incomplete, which ``open_store`` refuses, and the next ingest
+   rebuilds it.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import zarr
 from mnist_kmeans.data.idx import IdxReader
 from mnist_kmeans.data.sources import SPLIT_FILES, Source, open_source
 from mnist_kmeans.data.store import (
+    CHECKSUM_ATTR,
     DEFAULT_CHUNK_ROWS,
     FORMAT,
     StoreInfo,
+    chunk_checksum,
     create_split,
     create_store,
     is_remote,
@@ -217,30 +221,35 @@ def _write(target: str, src: Source, layout: _Layout, rows: int, overwrite: bool
     }
     try:
         group = create_store(target, attrs, overwrite=overwrite)
-        md5, top_label = {}, 0
+        md5, top_label, checksums = {}, 0, {}
         for split, (images_name, labels_name) in SPLIT_FILES.items():
             images, labels = create_split(group, split, layout.n_rows[split], layout.n_features, rows)
-            _copy(src.readers[images_name], rows, images)
+            _, images_crc = _copy(src.readers[images_name], rows, images)
             md5[images_name] = _finish_file(src, images_name, log)
-            top_label = max(top_label, _copy(src.readers[labels_name], rows, labels))
+            top, labels_crc = _copy(src.readers[labels_name], rows, labels)
+            top_label = max(top_label, top)
             md5[labels_name] = _finish_file(src, labels_name, log)
+            checksums[split] = {"images": images_crc, "labels": labels_crc}
         # Labels index the classes (label maps, confusion matrices): n_classes is the largest label + 1.
-        mark_complete(group, {"md5": md5, "n_classes": top_label + 1})
+        # The CRC-32 of every chunk lets every later read prove it got what was written (store.verify_chunk).
+        mark_complete(group, {"md5": md5, "n_classes": top_label + 1, CHECKSUM_ATTR: checksums})
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
         raise UserError(f"{name}: cannot write the store: {exc}") from None
 
 
-def _copy(reader: IdxReader, rows: int, array: zarr.Array | None = None) -> int:
+def _copy(reader: IdxReader, rows: int, array: zarr.Array | None = None) -> tuple[int, list[int]]:
     """Read a file to its end, ``rows`` items at a time, writing block i to chunk i of ``array`` when one is given.
 
-    Blocks match chunks one to one, so every chunk is written once, whole. Returns the largest value read.
+    Blocks match chunks one to one, so every chunk is written once, whole. Returns the largest value read and the
+    CRC-32 of each block (that is, of each chunk as stored).
     """
-    top = 0
+    top, crcs = 0, []
     for i, block in enumerate(reader.blocks(rows)):
         if array is not None:
             array[i * rows : i * rows + len(block)] = block
+            crcs.append(chunk_checksum(block))
         top = max(top, int(block.max()))
-    return top
+    return top, crcs
 
 
 def _finish_file(src: Source, name: str, log: Log) -> str:
