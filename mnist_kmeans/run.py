@@ -43,8 +43,9 @@ def ensure_store(url: str, log: Any) -> tuple[StoreInfo, float]:
             return open_store(url), 0.0  # a store of another format: refuse, do not overwrite
         from mnist_kmeans.data.ingest import ingest
 
-        log(f"no complete store at {url}: ingesting {DEFAULT_SOURCE}/ first")
+        # ingest's own progress lines are held back until it succeeds; an error stays one line
         ingest(DEFAULT_SOURCE, url, log=log)
+        log(f"ingested {DEFAULT_SOURCE}/ into {url} (there was no complete store)")
     return open_store(url), time.perf_counter() - t0
 
 
@@ -204,6 +205,7 @@ def run_job(
     check_job_against_data(job, job_file, info)
     if resuming:
         _check_same_store(run_dir, info)
+        ckpt = Checkpoint.open(run_dir / "centroids.zarr")  # validated before any cluster starts
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
     from distributed import performance_report
@@ -232,19 +234,20 @@ def run_job(
             },
             "resumed": resuming,
         }
-        if resuming:
-            ckpt = Checkpoint.open(run_dir / "centroids.zarr")
-        else:
+        if not resuming:
             _make_run_dir(run_dir)
             write_atomic(run_dir / "job.yaml", yaml.safe_dump(job.to_yaml_dict(), sort_keys=False))
             write_json(run_dir / "manifest.json", manifest)
             ckpt = Checkpoint.create(run_dir / "centroids.zarr", info.image_shape)
         t_fit = time.perf_counter()
         try:
-            with performance_report(filename=str(run_dir / "dask-performance.html"), mode="inline"):
+            # written under a temporary name and renamed: a cut-short run never leaves a truncated report
+            partial_report = run_dir / ".dask-performance.html.partial"
+            with performance_report(filename=str(partial_report), mode="inline"):
                 best, rows, maps, tables = fit_and_evaluate(client, job, info, ckpt)
                 best_k = pick_best_k(rows)
                 gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
+            os.replace(partial_report, run_dir / "dask-performance.html")
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
                 f"interrupted: finished epochs are saved; continue with: {_resume_command(job_file, run_dir, store)}"
@@ -328,13 +331,17 @@ def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray
 
     h, w = info.image_shape
     images, labels = read_rows(info.url, "train", 0, min(9, info.n_train))  # nine rows: fine on the client
-    group = zarr.create_group(store=str(run_dir / "samples.zarr"), zarr_format=3, overwrite=True)
-    group.create_array("train_first", data=images.reshape(-1, h, w), attributes={"labels": [int(v) for v in labels]})
-    group.create_array(
-        "misclassified",
-        data=gallery["images"].reshape(-1, h, w).astype(np.uint8),
-        attributes={"true": [int(v) for v in gallery["true"]], "pred": [int(v) for v in gallery["pred"]], "k": best_k},
-    )
+    path = run_dir / "samples.zarr"
+    try:
+        group = zarr.create_group(store=str(path), zarr_format=3, overwrite=True)
+        group.create_array("train_first", data=images.reshape(-1, h, w), attributes={"labels": [int(v) for v in labels]})
+        group.create_array(
+            "misclassified",
+            data=gallery["images"].reshape(-1, h, w).astype(np.uint8),
+            attributes={"true": [int(v) for v in gallery["true"]], "pred": [int(v) for v in gallery["pred"]], "k": best_k},
+        )
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _resume_command(job_file: str, run_dir: Path, store: str | None) -> str:
