@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from conftest import REPO_ROOT, IdxDataset, run_cli, tree_snapshot
+from conftest import REPO_ROOT, IdxDataset, loopback_port, run_cli, stop_session, tree_snapshot
 from sklearn import metrics as skm
 
 from mnist_kmeans.cli import main
@@ -273,29 +272,8 @@ def test_same_job_same_seed_same_centroids(local_run: Run, setup: Setup) -> None
 # --- (b) an external cluster: `dask scheduler` + `dask worker` processes --------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it started."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # children that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+# the helpers of tests/conftest.py under the names this file uses
+free_port, kill_group = loopback_port, stop_session
 
 
 @dataclass
