@@ -144,7 +144,6 @@ def run_chains(
     plan: FitPlan,
     ckpt: Checkpoint,
     progress: Progress | None = None,
-    on_epoch: Callable[[ChainState], None] | None = None,
 ) -> list[KResult]:
     """Fit and evaluate every K of ``plan`` on the cluster, continuing from what ``ckpt`` holds.
 
@@ -234,8 +233,6 @@ def run_chains(
                 if kind == "epoch":
                     state = fut.result()
                     ckpt.save_epoch(state, E, L)
-                    if on_epoch is not None:
-                        on_epoch(state)
             elif kind == "restarts":
                 for r, st in enumerate(fut.result()):
                     g.restart_inertia[r] = st.inertia
