@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from mnist_kmeans.checkpoint import Checkpoint  # noqa: E402
 from mnist_kmeans.config import load_job, with_overrides  # noqa: E402
-from mnist_kmeans.data.store import open_store, read_rows  # noqa: E402
+from mnist_kmeans.data.store import read_rows  # noqa: E402
 from mnist_kmeans.run import ensure_store, fit_and_evaluate  # noqa: E402
 
 

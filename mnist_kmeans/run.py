@@ -17,7 +17,7 @@ import yaml
 
 from mnist_kmeans import __version__
 from mnist_kmeans.checkpoint import Checkpoint
-from mnist_kmeans.config import DEFAULT_SOURCE, DEFAULT_STORE, JobConfig, load_cluster, load_job, with_overrides
+from mnist_kmeans.config import DEFAULT_SOURCE, JobConfig, load_cluster, load_job, with_overrides
 from mnist_kmeans.data.store import StoreInfo, is_remote, open_store, read_attrs, read_rows
 from mnist_kmeans.errors import ClusterError, UserError
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
