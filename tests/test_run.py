@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from conftest import REPO_ROOT, IdxDataset, loopback_port, run_cli, stop_session, tree_snapshot
+from conftest import REPO_ROOT, IdxDataset, chain_progress, loopback_port, run_cli, stop_session, tree_snapshot
 from sklearn import metrics as skm
 
 from mnist_kmeans.cli import main
@@ -329,18 +329,6 @@ def test_external_cluster_gives_the_same_centroids(local_run: Run, setup: Setup,
 
 
 # --- (d) Ctrl-C, then --resume ----------------------------------------------------------------------------------------
-
-
-def chain_progress(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """``chains/k{K}/r{R}`` -> (epochs_done, lloyd_done) as saved so far (files read directly: the run is live)."""
-    out = {}
-    for meta in (run_dir / "centroids.zarr" / "chains").glob("k*/r*/zarr.json"):
-        try:
-            attrs = json.loads(meta.read_text())["attributes"]
-            out[f"{meta.parent.parent.name}/{meta.parent.name}"] = (int(attrs["epochs_done"]), int(attrs["lloyd_done"]))
-        except (OSError, ValueError, KeyError):
-            continue  # being written
-    return out
 
 
 @dataclass
