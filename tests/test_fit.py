@@ -209,15 +209,20 @@ def test_init_chain_is_deterministic_and_depends_on_the_restart(store_info) -> N
     assert not np.array_equal(a.centers, first_state(store_info, 6, 0, FitParams(batch_size=100, seed=4)).centers)
 
 
+def run_epoch(state: ChainState, info, params: FitParams) -> ChainState:
+    """One epoch of a chain, task after task in this process, as the cluster runs it."""
+    n = info.n_chunks("train")
+    for c in chunk_order(n, params.seed, state.k, state.restart, state.epoch):
+        state = fit_chunk(state, info, c, n, params)
+    return state
+
+
 def test_epochs_through_a_checkpoint_continue_exactly(store_info, tmp_path: Path) -> None:
     """Two epochs in a row ≡ one epoch, saved to ``centroids.zarr``, loaded, then the second (what --resume does)."""
     params = FitParams(batch_size=100, seed=3)
-    n = store_info.n_chunks("train")
 
     def epoch(state: ChainState) -> ChainState:
-        for c in chunk_order(n, params.seed, state.k, state.restart, state.epoch):
-            state = fit_chunk(state, store_info, c, n, params)
-        return state
+        return run_epoch(state, store_info, params)
 
     s1 = epoch(first_state(store_info, 3, 1, params))
     assert (s1.epoch, s1.chunks_done) == (1, 0)
@@ -244,12 +249,9 @@ def test_an_epoch_save_cut_short_is_ignored_or_whole(store_info, tmp_path: Path,
     from zarr.storage import LocalStore
 
     params = FitParams(batch_size=100, seed=3)
-    n = store_info.n_chunks("train")
 
     def epoch(state: ChainState) -> ChainState:
-        for c in chunk_order(n, params.seed, state.k, state.restart, state.epoch):
-            state = fit_chunk(state, store_info, c, n, params)
-        return state
+        return run_epoch(state, store_info, params)
 
     s1 = epoch(first_state(store_info, 3, 0, params))
     s2 = epoch(s1)
