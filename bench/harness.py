@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from mnist_kmeans.checkpoint import Checkpoint  # noqa: E402
 from mnist_kmeans.config import load_job, with_overrides  # noqa: E402
 from mnist_kmeans.data.store import read_rows  # noqa: E402
-from mnist_kmeans.run import ensure_store, fit_and_evaluate  # noqa: E402
+from mnist_kmeans.run import ensure_store, fit_and_evaluate, plan_of  # noqa: E402
 
 
 def load_split(url: str, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,19 +72,21 @@ def project_job(client, job, info) -> dict:
 
 
 def job_flops(job, info) -> float:
-    """Distance products of the job (2·n·d·K per pass), counted as the fit does them."""
-    d = info.n_features
-    flops = 0.0
+    """Distance products of the job, 2·d flops per (row, center) pair, counted as the job does them (schedule.py)."""
+    params = plan_of(job, info).params
+    n, screen_rows = info.n_train, min(params.screen_chunks(info) * info.chunk_rows, info.n_train)
+    pairs = 0.0
     for k in job.k_grid:
         r = job.restarts(k)
-        init_rows = min(max(3 * job.batch_size, 3 * k), info.n_train)
-        kpp = init_rows * k * (2 + np.log(k))  # candidates x sample rows, k-means++'s greedy trials
-        # every restart: its epochs, the inertia of its earlier epochs, the pass that compares restarts;
-        # the chosen one: the other Lloyd passes, the evaluation of train and test
-        per_restart = job.epochs + max(job.epochs - 1, 0) + 1
-        chosen = max(job.lloyd_steps - 1, 0) + (1 if job.lloyd_steps else 0)
-        flops += 2 * d * k * ((r * per_restart + chosen) * info.n_train + info.n_test + r * kpp / k)
-    return flops
+        init_rows = params.init_rows(k, n)
+        pairs += r * init_rows * k * (2 + np.log(k))  # k-means++: K steps of 2 + ln K candidates against the sample
+        if r > 1:  # screening: every restart fits its first chunks, then one pass compares them
+            pairs += r * screen_rows * k + r * n * k
+        pairs += (job.epochs * n - (screen_rows if r > 1 else 0)) * k  # the chosen restart's other partial_fits
+        pairs += (job.epochs - 1) * n * k  # the inertia after each earlier epoch
+        pairs += (1 + max(job.lloyd_steps - 1, 0) + (1 if job.lloyd_steps else 0)) * n * k  # Lloyd and evaluation
+        pairs += info.n_test * k
+    return 2 * info.n_features * pairs
 
 
 def gemm_peak(threads: int | None = None) -> float:

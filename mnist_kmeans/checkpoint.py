@@ -4,12 +4,12 @@ Layout (Zarr v3; only the client process writes it)::
 
     final/k{K}                    float32 (K, H*W)          the chosen model of each K (SPEC)
     epochs/k{K}                   float32 (epochs, K, H*W)  its centroids after each epoch (SPEC)
-    chains/k{K}/r{R}/centers      float32 (epochs, K, H*W)  every (K, restart) chain after each epoch ...
+    chains/k{K}/r{R}/centers      float32 (epochs, K, H*W)  the chosen restart R of K after each epoch ...
     chains/k{K}/r{R}/counts       float32 (epochs, K)       ... with the rest of its MiniBatchKMeans state
     chains/k{K}/r{R}/lloyd        float32 (lloyd_steps, K, H*W)  centers after each full-batch Lloyd step
 
 A chain's attributes say how much of it is saved (``epochs_done``, ``lloyd_done``, and the two integer counters of
-the mini-batch state per epoch). An epoch's arrays are written first and the attributes after, all in one write of
+the mini-batch state per epoch). Only the restart of a K that won the screening (``schedule.py``) has a chain here. An epoch's arrays are written first and the attributes after, all in one write of
 ``zarr.json`` (atomic on a local store), so an interrupted write is ignored on resume rather than half-used. Nothing
 here is a pickle: arrays and JSON only.
 
@@ -99,8 +99,14 @@ class Checkpoint:
         g.create_array("lloyd", shape=(max(lloyd_steps, 1), k, n_features), dtype="float32", chunks=(1, k, n_features))
         return g
 
-    def save_epoch(self, state: ChainState, epochs: int, lloyd_steps: int) -> None:
-        """Save a chain's state at the end of epoch ``state.epoch`` (1-based count of epochs done)."""
+    def save_epoch(
+        self, state: ChainState, epochs: int, lloyd_steps: int, screen_inertia: list[float] | None = None
+    ) -> None:
+        """Save a chain's state at the end of epoch ``state.epoch`` (1-based count of epochs done).
+
+        Only the restart chosen by the screening saves epochs; ``screen_inertia`` (every restart's inertia at the
+        screening) is kept with it, for metrics.json after a resume.
+        """
         g = self._chain(state.k, state.restart, epochs, lloyd_steps, state.centers.shape[1])
         e = state.epoch - 1
         with _writing(self.path):
@@ -114,6 +120,7 @@ class Checkpoint:
                     "epochs_done": state.epoch,
                     "n_since_last_reassign": attrs["n_since_last_reassign"][:e] + [state.n_since_last_reassign],
                     "n_steps": attrs["n_steps"][:e] + [state.n_steps],
+                    "screen_inertia": [float(v) for v in screen_inertia or []],
                 }
             )
 
@@ -167,6 +174,9 @@ class Checkpoint:
                     isinstance(v, int) and not isinstance(v, bool) for v in values[:epochs_done]
                 ):
                     raise ValueError(f"{key} does not hold an integer for each of the {epochs_done} saved epochs")
+            screen = a.get("screen_inertia", [])
+            if not isinstance(screen, list) or not all(isinstance(v, (int, float)) for v in screen):
+                raise ValueError("screen_inertia is not a list of numbers")
             if lloyd_done:
                 for key in ("epoch_inertia", "lloyd_inertia"):
                     if not isinstance(a.get(key), list):

@@ -29,15 +29,17 @@ class JobConfig:
     epochs: int = 1
     batch_size: int = 1024
     n_init: int | str = "auto"
-    lloyd_steps: int = 3
+    lloyd_steps: int = 2
+    screen_rows: int = 10_000
     seed: int = 0
     centroid_grids: tuple[int, ...] = (36,)
 
     def restarts(self, k: int) -> int:
-        """Restarts of K. ``"auto"``: ``128 // K`` (1 to 8), more where they are cheap and where the local optimum
-        found varies most (small K): 8 restarts for K=10, 3 for K=36, 1 from K=144 up."""
+        """Restarts of K. ``"auto"``: ``256 // K`` (1 to 8), more where the local optimum found varies most (small
+        K): 8 restarts for K=10 and 16, 7 for K=36, 4 for K=64, 1 from K=144 up. Restarts are screened after
+        ``screen_rows`` rows (schedule.py), so each costs one chunk and one k-means++."""
         if self.n_init == "auto":
-            return max(1, min(8, 128 // k))
+            return max(1, min(8, 256 // k))
         return int(self.n_init)
 
     @property
@@ -55,6 +57,7 @@ class JobConfig:
             "batch_size": self.batch_size,
             "n_init": self.n_init,
             "lloyd_steps": self.lloyd_steps,
+            "screen_rows": self.screen_rows,
             "seed": self.seed,
             "report": {"centroid_grids": list(self.centroid_grids)},
         }
@@ -176,12 +179,15 @@ MAX_K = 65_536
 MAX_EPOCHS = 10_000
 MAX_BATCH = 10_000_000
 MAX_N_INIT = 1_000
+MAX_ROWS = 10**12
 
 
 def load_job(path: str | Path) -> JobConfig:
     """Read and validate a job file. Checks that need the data (K <= n_train) happen when the store is open."""
     c = _Checker(path, read_yaml_mapping(path))
-    c.reject_unknown({"name", "store", "k_grid", "epochs", "batch_size", "n_init", "lloyd_steps", "seed", "report"})
+    c.reject_unknown(
+        {"name", "store", "k_grid", "epochs", "batch_size", "n_init", "lloyd_steps", "screen_rows", "seed", "report"}
+    )
     name = c.str("name") or ""
     if not name:
         raise c.fail("name", "missing (required)")
@@ -203,6 +209,7 @@ def load_job(path: str | Path) -> JobConfig:
         batch_size=c.int("batch_size", JobConfig.batch_size, minimum=1, maximum=MAX_BATCH),
         n_init="auto" if c.data.get("n_init", "auto") == "auto" else c.int("n_init", 1, minimum=1, maximum=MAX_N_INIT),
         lloyd_steps=c.int("lloyd_steps", JobConfig.lloyd_steps, minimum=0, maximum=MAX_EPOCHS),
+        screen_rows=c.int("screen_rows", JobConfig.screen_rows, minimum=1, maximum=MAX_ROWS),
         seed=c.int("seed", JobConfig.seed, minimum=0, maximum=2**32 - 1),
         centroid_grids=grids,
     )

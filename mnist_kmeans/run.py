@@ -160,7 +160,7 @@ def plan_of(job: JobConfig, info: StoreInfo) -> FitPlan:
         restarts={k: job.restarts(k) for k in job.k_grid},
         epochs=job.epochs,
         lloyd_steps=job.lloyd_steps,
-        params=FitParams(batch_size=job.batch_size, seed=job.seed),
+        params=FitParams(batch_size=job.batch_size, seed=job.seed, screen_rows=job.screen_rows),
     )
 
 
@@ -278,6 +278,9 @@ def run_job(
         "best_k": best_k,
         "inertia_per_epoch_note": (
             "exact training inertia after each of the epochs mini-batch epochs, then after each full-batch Lloyd step"
+        ),
+        "restart_inertia_note": (
+            "exact training inertia of each restart after its first screen_rows rows; only the lowest (restart) went on"
         ),
         "timings": {
             "cluster_start_s": round(cluster_start_s, 3),

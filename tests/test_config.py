@@ -43,8 +43,8 @@ def assert_user_error(exc: pytest.ExceptionInfo[UserError], path: Path, *words: 
 def test_job_defaults(tmp_path: Path) -> None:
     job = load_job(write(tmp_path, MINIMAL))
     assert job == JobConfig(name="j", k_grid=(3, 6), centroid_grids=(3,))
-    assert (job.store, job.epochs, job.batch_size, job.n_init, job.lloyd_steps, job.seed) == (
-        DEFAULT_STORE, JobConfig.epochs, JobConfig.batch_size, "auto", JobConfig.lloyd_steps, 0,
+    assert (job.store, job.epochs, job.batch_size, job.n_init, job.lloyd_steps, job.screen_rows, job.seed) == (
+        DEFAULT_STORE, JobConfig.epochs, JobConfig.batch_size, "auto", JobConfig.lloyd_steps, JobConfig.screen_rows, 0,
     )
     assert job.restarts(3) >= 1 and job.restarts(64) >= 1
 
@@ -58,6 +58,7 @@ def test_job_defaults(tmp_path: Path) -> None:
         (MINIMAL + "epochs: 5\nbatch_size: 1\nseed: 4294967295\nlloyd_steps: 0\n",
          {"epochs": 5, "batch_size": 1, "seed": 2**32 - 1, "lloyd_steps": 0}),
         (MINIMAL + "n_init: 3\n", {"n_init": 3}),
+        (MINIMAL + "screen_rows: 500\n", {"screen_rows": 500}),
         (MINIMAL + "n_init: auto\n", {"n_init": "auto"}),
         (MINIMAL + "store: s3://bucket/mnist.zarr\n", {"store": "s3://bucket/mnist.zarr"}),
         (MINIMAL + "report:\n  centroid_grids: [6, 3]\n", {"centroid_grids": (6, 3)}),
@@ -122,6 +123,8 @@ BAD_JOBS = [
     ("name: j\nk_grid: [3]\nn_init: true\n", ["n_init"]),
     ("name: j\nk_grid: [3]\nn_init: 2.5\n", ["n_init"]),
     ("name: j\nk_grid: [3]\nlloyd_steps: -1\n", ["lloyd_steps"]),
+    ("name: j\nk_grid: [3]\nscreen_rows: 0\n", ["screen_rows"]),
+    ("name: j\nk_grid: [3]\nscreen_rows: many\n", ["screen_rows"]),
     ("name: j\nk_grid: [3]\nseed: -1\n", ["seed"]),
     ("name: j\nk_grid: [3]\nseed: 4294967296\n", ["seed"]),
     ("name: j\nk_grid: [3]\nseed: abc\n", ["seed"]),

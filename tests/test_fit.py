@@ -27,11 +27,14 @@ from mnist_kmeans.evaluate import (
     lloyd_update,
 )
 from mnist_kmeans.fit import (
+    REASSIGN,
     ChainState,
     FitParams,
     batches,
     chunk_order,
+    derive_seed,
     fit_chunk,
+    next_chunk,
     draw_sample,
     init_chain,
     sample_rows,
@@ -165,12 +168,12 @@ def test_fit_chunk_is_pure(store_info) -> None:
     n_chunks = store_info.n_chunks("train")
     assert n_chunks >= 4
     state = first_state(store_info, 6, 1, params)
-    state = fit_chunk(state, store_info, 2, n_chunks, params)  # a state with non-zero counts
+    state = fit_chunk(state, store_info, params)  # a state with non-zero counts
     before = dataclasses.replace(state, centers=state.centers.copy(), counts=state.counts.copy())
 
-    one = fit_chunk(state, store_info, 4, n_chunks, params)
+    one = fit_chunk(state, store_info, params)
     clear_cache()  # read from the store again, not from the worker cache
-    two = fit_chunk(state, store_info, 4, n_chunks, params)
+    two = fit_chunk(state, store_info, params)
 
     assert_states_equal(one, two)
     assert_states_equal(state, before)  # the input was not mutated
@@ -181,6 +184,23 @@ def test_fit_chunk_is_pure(store_info) -> None:
     # the cached chunk is read-only: no task can change what the next task reads
     x, _ = load_chunk(store_info, "train", 4)
     assert not x.flags.writeable
+
+
+def test_fit_chunk_fits_the_chunk_its_state_names(store_info) -> None:
+    """Position ``chunks_done`` of the epoch's seeded order: partial_fit on that chunk's batches, nothing else."""
+    params = FitParams(batch_size=100, seed=3)
+    n = store_info.n_chunks("train")
+    state = fit_chunk(fit_chunk(first_state(store_info, 5, 1, params), store_info, params), store_info, params)
+    order = chunk_order(n, params.seed, 5, 1, 0)
+    assert len(set(order)) == n and next_chunk(state, n, params.seed) == order[2]
+    x, _ = load_chunk(store_info, "train", order[2])
+    model = restore_model(state, params, np.random.RandomState(derive_seed(params.seed, REASSIGN, 5, 1, 0, order[2])))
+    for rows in batches(len(x), params.batch_size):
+        model.partial_fit(x[rows])
+    assert np.array_equal(fit_chunk(state, store_info, params).centers, model.cluster_centers_)
+    other = restore_model(state, params, np.random.RandomState(0))
+    other.partial_fit(load_chunk(store_info, "train", order[3])[0])
+    assert not np.allclose(other.cluster_centers_, model.cluster_centers_)
 
 
 def first_state(info, k: int, restart: int, params: FitParams) -> ChainState:
@@ -211,9 +231,8 @@ def test_init_chain_is_deterministic_and_depends_on_the_restart(store_info) -> N
 
 def run_epoch(state: ChainState, info, params: FitParams) -> ChainState:
     """One epoch of a chain, task after task in this process, as the cluster runs it."""
-    n = info.n_chunks("train")
-    for c in chunk_order(n, params.seed, state.k, state.restart, state.epoch):
-        state = fit_chunk(state, info, c, n, params)
+    for _ in range(info.n_chunks("train")):
+        state = fit_chunk(state, info, params)
     return state
 
 

@@ -32,6 +32,7 @@ K_GRID = (3, 6)
 EPOCHS = 4
 RESTARTS = 2
 LLOYD_STEPS = 1
+SCREEN_ROWS = 1000  # restarts compared after 2 of the 6 training chunks
 SEED = 3
 CLUSTER_FILE = 'local: {n_workers: 2, threads_per_worker: 1, memory_limit: 2GiB, dashboard_address: "127.0.0.1:0"}\n'
 SPEC_RESULT_KEYS = {
@@ -51,6 +52,7 @@ def job_text(name: str = "kgrid-test", epochs: int = EPOCHS, **extra: object) ->
         "batch_size": 100,
         "n_init": RESTARTS,
         "lloyd_steps": LLOYD_STEPS,
+        "screen_rows": SCREEN_ROWS,
         "seed": SEED,
         "report": {"centroid_grids": [6]},
         **extra,
@@ -165,9 +167,13 @@ def test_centroids_zarr_layout(local_run: Run, setup: Setup) -> None:
         # epochs/k{K} is the chosen restart's checkpoint after each epoch, and the final model follows from it
         assert np.array_equal(e, group[f"chains/k{k}/r{chosen[k]}/centers"][...])
         assert not np.array_equal(e[0], e[-1])
-        for r in range(RESTARTS):
-            assert group[f"chains/k{k}/r{r}"].attrs["epochs_done"] == EPOCHS
-        assert group[f"chains/k{k}/r{chosen[k]}"].attrs["lloyd_done"] == LLOYD_STEPS
+        # only the restart that won the screening went on: it alone has a chain, with every epoch and Lloyd step
+        assert sorted(name for name, _ in group[f"chains/k{k}"].groups()) == [f"r{chosen[k]}"]
+        attrs = group[f"chains/k{k}/r{chosen[k]}"].attrs
+        assert attrs["epochs_done"] == EPOCHS and attrs["lloyd_done"] == LLOYD_STEPS
+        screen = next(row["restart_inertia"] for row in metrics["results"] if row["k"] == k)
+        assert len(screen) == RESTARTS and attrs["screen_inertia"] == screen
+        assert chosen[k] == int(np.argmin(screen))
 
 
 def nearest(x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -374,8 +380,7 @@ def interrupted(setup: Setup) -> Interrupted:
         job = setup.root / f"job-e{epochs}.yaml"
         job.write_text(job_text(epochs=epochs))
         got = interrupt_after_first_epoch(setup, job, setup.root / f"run-interrupted-e{epochs}")
-        n_chains = len(K_GRID) * RESTARTS
-        unfinished = n_chains - sum(e == epochs for e, _ in got.progress.values())
+        unfinished = len(K_GRID) - sum(e == epochs for e, _ in got.progress.values())  # one chain per K saves
         if got.returncode != 0 and unfinished > 0:
             return got
     pytest.fail(f"could not interrupt a run before its fit was done (last: exit {got.returncode}, {got.progress})")
@@ -401,10 +406,8 @@ def test_resume_continues_exactly(interrupted: Interrupted, setup: Setup, local_
     assert resumed.returncode == 0, resumed.stderr
     assert Path(resumed.stdout.strip().splitlines()[-1]) == interrupted.run_dir / "report.html"
     progress = chain_progress(interrupted.run_dir)
-    assert len(progress) == len(K_GRID) * RESTARTS
-    assert all(e == interrupted.epochs for e, _ in progress.values()), progress
-    for k in K_GRID:  # the chosen restart of each K went on to its Lloyd steps
-        assert max(lloyd for name, (_, lloyd) in progress.items() if name.startswith(f"k{k}/")) == LLOYD_STEPS
+    assert len(progress) == len(K_GRID)  # the chosen restart of each K
+    assert all(progress == (interrupted.epochs, LLOYD_STEPS) for progress in progress.values()), progress
     if interrupted.epochs == EPOCHS:
         reference = finals(local_run.run_dir)
     else:  # the longer job of a retry: its own uninterrupted run
