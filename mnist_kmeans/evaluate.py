@@ -70,24 +70,26 @@ def chunk_stats(
     center_sets: Sequence[np.ndarray],
     n_classes: int,
     *,
-    with_sums: bool = False,
+    with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
 ) -> list[PassStats]:
-    """Statistics of each center set (e.g. the restarts of one K) on the rows ``x`` (float32) with classes ``y``.
+    """Statistics of each center set (the restarts of a K, every K of the grid ...) on the rows ``x`` (float32)
+    with classes ``y``: one GEMM against all of them.
 
-    ``histories[i]`` are earlier center sets of the same chain as ``center_sets[i]`` (its centers after each earlier
-    epoch) whose inertia is wanted too: only their squared distances are kept, as the leading entries of ``ssd``.
-    A pure function.
+    ``with_sums``: for every set, or one flag per set. ``histories[i]`` are earlier center sets of the same chain as
+    ``center_sets[i]`` (its centers after each earlier epoch) whose inertia is wanted too: only their squared
+    distances are kept, as the leading entries of ``ssd``. A pure function.
     """
     histories = list(histories) or [()] * len(center_sets)
+    sums = [with_sums] * len(center_sets) if isinstance(with_sums, bool) else list(with_sums)
     flat = [m for centers, hist in zip(center_sets, histories) for m in (*hist, centers)]
     assigned = iter(_assign_many(x, flat))
     out = []
-    for centers, hist in zip(center_sets, histories):
+    for centers, hist, want_sums in zip(center_sets, histories, sums):
         ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
         labels, dist = next(assigned)
         ssd.append(float(dist.sum(dtype=np.float64)))
-        out.append(_tables(x, y, labels, len(centers), n_classes, ssd, with_sums))
+        out.append(_tables(x, y, labels, len(centers), n_classes, ssd, want_sums))
     return out
 
 
@@ -112,7 +114,7 @@ def chunk_stats_task(
     split: str,
     chunk: int,
     *,
-    with_sums: bool = False,
+    with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
 ) -> list[PassStats]:
     """One task: :func:`chunk_stats` on one chunk of the store, read on the worker."""

@@ -1,23 +1,27 @@
 """Submits the job's graph to the cluster as futures, saves checkpoints as results arrive, shows progress.
 
-The graph of one K; every K is independent, so all of them run at once::
+The graph, in three phases::
 
-    restart r:  init_chain ─▶ fit_chunk × S                  S chunks: the first ``screen_rows`` rows (fit.py, map)
-        ─▶ chunk_stats × n_chunks ─▶ tree of combine          the training inertia of every restart, in one pass
-    select_restart (lowest inertia) ─▶ fit_chunk × (epochs · n_chunks - S)      only the best restart goes on
-        ─▶ chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update           the first full-batch Lloyd step
-        ─▶ [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update] × (lloyd_steps - 1)   (evaluate.py)
-        ─▶ chunk_stats × n_chunks of train and of test ─▶ tree of combine     the evaluation (reduce)
+    1. every K's start        restart r: init_chain ─▶ fit_chunk × S      S chunks: the first ``screen_rows`` rows
+                              chunk_stats × n_chunks ─▶ tree of combine     every restart of every K, in one pass
+                              select_restart per K (lowest inertia)        only the best restart goes on
+    2. every K's epochs       fit_chunk × (epochs · n_chunks - S)         the chosen chain (fit.py, map)
+    3. the grid's passes      [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update per K] × lloyd_steps
+                              chunk_stats × n_chunks of train and of test ─▶ tree of combine    the evaluation
 
 Restarts are screened as scikit-learn's ``MiniBatchKMeans`` screens its ``n_init`` initialisations: every restart
-runs only its first chunk(s), they are compared by their exact training inertia (one pass, one GEMM per chunk for all
-of them), and only the best runs its epochs and Lloyd steps. So restarts cost one chunk each whatever the size of
-the data set, and the K's with the most restarts (the small ones, where the local optimum found varies most) do not
-multiply the work of the rest. With one restart there is no screening.
+runs only its first chunk(s), they are compared by their exact training inertia, and only the best runs its epochs
+and Lloyd steps. So restarts cost one chunk each whatever the size of the data set, and the K's with the most
+restarts (the small ones, where the local optimum found varies most) do not multiply the work of the rest. With
+one restart there is no screening.
+
+Every statistics pass serves the whole grid at once: each chunk task reads its rows once and makes one GEMM against
+the centers of every K (and restart) that needs the pass (evaluate.py). Small-K GEMMs alone use a fraction of the
+machine; stacked, the grid's passes cost a quarter less and need a sixth of the tasks.
 
 Futures rather than one delayed graph: the chains run eagerly, every epoch end is saved the moment it exists,
 progress is exact, and a Ctrl-C cancels what is left. The client holds one future per chain and step in
-flight, and only small results (a chain's state, a reduced table) ever come back to it.
+flight, and only small results (a chain's state, reduced tables) ever come back to it.
 """
 
 from __future__ import annotations
@@ -83,9 +87,10 @@ def tree_reduce(client: Client, parts: Sequence[Future], fan_in: int = 8, priori
     return parts[0]
 
 
-def select_restart(stats: list[PassStats]) -> int:
-    """Index of the restart with the lowest training inertia (ties: the first)."""
-    return int(np.argmin([st.inertia for st in stats]))
+def select_restart(stats: list[PassStats], start: int, stop: int) -> int:
+    """Index, counted from ``start``, of the set in ``stats[start:stop]`` (the restarts of one K) with the lowest
+    training inertia (ties: the first)."""
+    return int(np.argmin([st.inertia for st in stats[start:stop]]))
 
 
 def pick(index: int, items: Sequence[Any]) -> Any:
@@ -95,6 +100,18 @@ def pick(index: int, items: Sequence[Any]) -> Any:
 def lloyd_step(index: int, centers: Sequence[np.ndarray], stats: list[PassStats]) -> np.ndarray:
     """A Lloyd step of ``centers[index]`` from its statistics ``stats[index]``."""
     return lloyd_update(centers[index], stats[index])
+
+
+class _Result:
+    """A future's result, fetched once and only if asked for (a chunk's chain state, counted for progress, is not)."""
+
+    def __init__(self, fut: Future):
+        self.fut, self.value, self.fetched = fut, None, False
+
+    def __call__(self, index: Any = None) -> Any:
+        if not self.fetched:
+            self.value, self.fetched = self.fut.result(), True
+        return self.value if index is None else self.value[index]
 
 
 @dataclass
@@ -173,26 +190,26 @@ def run_chains(
     n_chunks = info.n_chunks("train")
     progress = progress or Progress()
     groups: dict[int, _K] = {}
-    events: dict[Future, tuple[str, int, int]] = {}
+    # What to do with each future's result when it arrives: (kind, K, step, index into the result or None).
+    events: dict[Future, list[tuple[str, int, int, Any]]] = {}
+
+    def on(fut: Future, *happenings: tuple[str, int, int, Any]) -> None:
+        events.setdefault(fut, []).extend(happenings)
 
     def submit(func: Callable, *args: Any, event: tuple[str, int, int] | None = None, **kwargs: Any) -> Future:
         fut = client.submit(func, *args, pure=False, **kwargs)
         if event is not None:
-            events[fut] = event
+            on(fut, (*event, None))
         return fut
 
-    def train_pass(center_sets: list[Any], with_sums: bool, histories: list[tuple] | None = None, priority: int = 0) -> Future:
-        """Statistics of each center set over the training split: a future of ``list[PassStats]``."""
+    def stats_pass(split: str, center_sets: list[Any], with_sums: Any, histories: Sequence = (), priority: int = 0) -> Future:
+        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
         parts = [
-            submit(chunk_stats_task, center_sets, info, "train", j, with_sums=with_sums, histories=histories or (),
+            submit(chunk_stats_task, center_sets, info, split, j, with_sums=with_sums, histories=histories,
                    priority=priority)
-            for j in range(n_chunks)
+            for j in range(info.n_chunks(split))
         ]
         return tree_reduce(client, parts, priority=priority)
-
-    sample: Future | None = None  # the k-means++ sample, drawn once for all chains, only if some chain starts afresh
-    sample_rows = max(params.init_rows(k, info.n_train) for k in plan.restarts)
-    S = params.screen_chunks(info)
 
     def fit_chunks(state: Any, k: int, done: int, n_tasks: int, save: bool = True, priority: int = 0) -> Any:
         """``n_tasks`` fit_chunk tasks after ``done`` chunks of the chain: epoch ends are saved if ``save``."""
@@ -202,11 +219,16 @@ def run_chains(
             state = submit(fit_chunk, state, info, params, event=(kind, k, epoch), priority=priority)
         return state
 
+    sample: Future | None = None  # the k-means++ sample, drawn once for all chains, only if some chain starts afresh
+    sample_rows = max(params.init_rows(k, info.n_train) for k in plan.restarts)
+    S = params.screen_chunks(info)
+
     # Phase 1, every K's start: resume from the checkpoint, or k-means++ and the screening of its restarts. These
     # tasks are submitted first and run first: the small K, whose many restarts make long sequences of short tasks,
     # would otherwise start last and finish alone.
     FIRST = 1
     starts: dict[int, _Start] = {}
+    screened: list[tuple[int, list[Future]]] = []  # (K, the state of each restart after the screening chunks)
     for k in sorted(plan.restarts, reverse=True):  # largest K first: the longest work starts first
         R = plan.restarts[k]
         saved = [ckpt.progress(k, r) for r in range(R)]
@@ -231,79 +253,99 @@ def run_chains(
                 starts[k] = _Start(ckpt.load_state(k, g.chosen), epochs_done * n_chunks, history)
             continue
         sample = sample or submit(draw_sample, info, sample_rows, params.seed, priority=FIRST)
-        if not screening:
+        if screening:
+            heads = [fit_chunks(submit(init_chain, sample, k, r, params, priority=FIRST), k, 0, S, False, FIRST) for r in range(R)]
+            screened.append((k, heads))
+        else:
             g.chosen = 0
             starts[k] = _Start(submit(init_chain, sample, k, 0, params, priority=FIRST), 0, [])
-            continue
-        heads = [fit_chunks(submit(init_chain, sample, k, r, params, priority=FIRST), k, 0, S, False, FIRST) for r in range(R)]
-        screen = train_pass([submit(centers_of, h, priority=FIRST) for h in heads], False, priority=FIRST)
-        events[screen] = ("screen", k, 0)
-        index = submit(select_restart, screen, event=("select", k, 0), priority=FIRST)
-        state = submit(pick, index, heads, priority=FIRST)  # the winner goes on from its chunk S
-        starts[k] = _Start(state, S, [])
-        if S == n_chunks:  # the screening ended the first epoch: save the winner's
-            events[state] = ("save", k, 1)
-            if E > 1:
-                starts[k].history.append(submit(centers_of, state))
+    if screened:
+        screen = stats_pass("train", [submit(centers_of, h, priority=FIRST) for _, heads in screened for h in heads],
+                            False, priority=FIRST)
+        first = 0
+        for k, heads in screened:
+            on(screen, ("screen", k, 0, slice(first, first + len(heads))))
+            index = submit(select_restart, screen, first, first + len(heads), event=("select", k, 0), priority=FIRST)
+            first += len(heads)
+            state = submit(pick, index, heads, priority=FIRST)  # the winner goes on from its chunk S
+            starts[k] = _Start(state, S, [])
+            if S == n_chunks:  # the screening ended the first epoch: save the winner's
+                on(state, ("save", k, 1, None))
+                if E > 1:
+                    starts[k].history.append(submit(centers_of, state))
 
-    # Phase 2, every K's continuation: the rest of its epochs, the Lloyd steps, the evaluation.
+    # Phase 2, every K's epochs: the chosen chain fits the rest of them.
+    centers: dict[int, Any] = {}  # each K's current centers (a future, or an array read from the checkpoint)
+    todo: dict[int, list[tuple[str, int, bool]]] = {}  # each K's passes still to make: (kind, Lloyd step, sums)
+    histories: dict[int, tuple] = {}
     for k, st in starts.items():
-        lloyd_done, centers = st.lloyd_done, st.centers
-        if st.state is not None:
-            state, done, history = st.state, st.done, st.history
-            for epoch in range(done // n_chunks, E):
-                first = max(done, epoch * n_chunks)
+        if st.state is None:
+            centers[k], histories[k], done_lloyd, passes = st.centers, (), st.lloyd_done, []
+        else:
+            state = st.state
+            for epoch in range(st.done // n_chunks, E):
+                first = max(st.done, epoch * n_chunks)
                 state = fit_chunks(state, k, first, (epoch + 1) * n_chunks - first)
                 if epoch < E - 1:  # the centers after every epoch but the last, for their inertia
-                    history.append(submit(centers_of, state))
-            final = submit(centers_of, state)
-            stats = train_pass([final], with_sums=L > 0, histories=[tuple(history)])
-            events[stats] = ("epochs", k, 0)
-            if L == 0:
-                centers = final
-                events[submit(pick, 0, stats)] = ("eval-train", k, 0)
-            else:
-                centers = submit(lloyd_step, 0, [final], stats, event=("lloyd", k, 1))
-                lloyd_done = 1
-        for step in range(lloyd_done, L):
-            stats = train_pass([centers], with_sums=True)
-            events[stats] = ("lloyd-stats", k, step + 1)
-            centers = submit(lloyd_step, 0, [centers], stats, event=("lloyd", k, step + 1))
-        if L > 0:
-            events[submit(pick, 0, train_pass([centers], with_sums=False))] = ("eval-train", k, 0)
-        test_parts = [submit(chunk_stats_task, [centers], info, "test", j) for j in range(info.n_chunks("test"))]
-        events[submit(pick, 0, tree_reduce(client, test_parts))] = ("eval-test", k, 0)
-        events[submit(_identity, centers)] = ("final", k, 0)
+                    st.history.append(submit(centers_of, state))
+            centers[k], histories[k] = submit(centers_of, state), tuple(st.history)
+            # the pass after the epochs gives their inertia and, with the sums, the first Lloyd step
+            done_lloyd, passes = min(L, 1), [("epochs", 1 if L else 0, L > 0)]
+        passes += [("lloyd-stats", step, True) for step in range(done_lloyd + 1, L + 1)]
+        todo[k] = passes + ([("eval-train", 0, False)] if L > 0 else [])
+
+    # Phase 3, the grid's passes, aligned at the end: every K takes part in the last (the evaluation), and a K
+    # resumed in its Lloyd steps joins when its remaining steps begin.
+    T = max(len(p) for p in todo.values())
+    for t in range(T):
+        grid = [(k, todo[k][t - T + len(todo[k])]) for k in todo if len(todo[k]) >= T - t]
+        sets = [centers[k] for k, _ in grid]
+        stats = stats_pass("train", sets, [sums for _, (_, _, sums) in grid],
+                           [histories[k] if kind == "epochs" else () for k, (kind, _, _) in grid])
+        for i, (k, (kind, step, sums)) in enumerate(grid):
+            on(stats, (kind, k, step, i))
+            if kind == "epochs" and L == 0:
+                on(stats, ("eval-train", k, 0, i))  # no Lloyd step: this pass is the evaluation
+            if sums:
+                centers[k] = submit(lloyd_step, i, sets, stats, event=("lloyd", k, step))
+    test = stats_pass("test", [centers[k] for k in todo], False)
+    for i, k in enumerate(todo):
+        on(test, ("eval-test", k, 0, i))
+        if isinstance(centers[k], Future):
+            on(centers[k], ("final", k, 0, None))
+        else:  # resumed after its last Lloyd step
+            groups[k].centers = centers[k]
 
     try:
         for fut in as_completed(list(events)):
-            kind, k, n = events.pop(fut)
-            g = groups[k]
-            if kind in ("chunk", "epoch"):
-                g.fit_done += 1
-            if kind in ("epoch", "save"):
-                screen = [g.restart_inertia[r] for r in sorted(g.restart_inertia)]
-                ckpt.save_epoch(fut.result(), E, L, screen_inertia=screen)
-            elif kind == "screen":
-                g.restart_inertia = {r: st.inertia for r, st in enumerate(fut.result())}
-            elif kind == "select":
-                g.chosen = int(fut.result())
-            elif kind == "epochs":
-                g.epoch_inertia = [float(v) for v in fut.result()[0].ssd]
-                g.t_fit_end = time.perf_counter()
-            elif kind == "lloyd-stats":
-                g.lloyd_inertia.append(fut.result()[0].inertia)
-            elif kind == "lloyd":
-                assert g.chosen is not None
-                ckpt.save_lloyd(k, g.chosen, n, fut.result(), E, L, g.epoch_inertia, g.lloyd_inertia[: n - 1])
-                g.t_fit_end = time.perf_counter()
-            elif kind == "eval-train":
-                g.train = fut.result()
-            elif kind == "eval-test":
-                g.test = fut.result()
-            elif kind == "final":
-                g.centers = fut.result()
-            del fut
+            result = _Result(fut)
+            for kind, k, n, index in events.pop(fut):
+                g = groups[k]
+                if kind in ("chunk", "epoch"):
+                    g.fit_done += 1
+                if kind in ("epoch", "save"):
+                    screen_inertia = [g.restart_inertia[r] for r in sorted(g.restart_inertia)]
+                    ckpt.save_epoch(result(index), E, L, screen_inertia=screen_inertia)
+                elif kind == "screen":
+                    g.restart_inertia = {r: st.inertia for r, st in enumerate(result(index))}
+                elif kind == "select":
+                    g.chosen = int(result(index))
+                elif kind == "epochs":
+                    g.epoch_inertia = [float(v) for v in result(index).ssd]
+                    g.t_fit_end = time.perf_counter()
+                elif kind == "lloyd-stats":
+                    g.lloyd_inertia.append(result(index).inertia)
+                elif kind == "lloyd":
+                    assert g.chosen is not None
+                    ckpt.save_lloyd(k, g.chosen, n, result(index), E, L, g.epoch_inertia, g.lloyd_inertia[: n - 1])
+                    g.t_fit_end = time.perf_counter()
+                elif kind == "eval-train":
+                    g.train = result(index)
+                elif kind == "eval-test":
+                    g.test = result(index)
+                elif kind == "final":
+                    g.centers = result(index)
+            del fut, result
             progress.update(groups, E)
     except BaseException:
         # Drop the references and let closing the client release the work: cancelling futures whose
@@ -322,7 +364,3 @@ def run_chains(
         end = g.t_fit_end or time.perf_counter()
         results.append(KResult(k, g.chosen, restart_inertia, g.centers, g.train, g.test, trajectory, end - g.t_start))
     return sorted(results, key=lambda r: r.k)
-
-
-def _identity(x: Any) -> Any:
-    return x
