@@ -14,6 +14,7 @@ one line.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,14 @@ from distributed.security import Security
 
 from mnist_kmeans.config import ClusterConfig
 from mnist_kmeans.errors import ClusterError
+
+_closing: list[threading.Thread] = []  # embedded clusters closing in the background (see connect)
+
+
+def wait_closed() -> None:
+    """Wait until every embedded cluster that ``connect`` left closing in the background has closed."""
+    while _closing:
+        _closing.pop().join()
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
 
     ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler``. A scheduler that does not answer within
     ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError` naming the address.
+    After a block that ended without an error, the embedded cluster closes in a background thread: call
+    :func:`wait_closed` before the process ends.
     """
     address = scheduler or cfg.scheduler
     if address is None:
@@ -97,8 +108,14 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
         try:
             with Client(cluster) as client:
                 yield client, describe(client, embedded=True)
-        finally:
+        except BaseException:
             cluster.close()
+            raise
+        # After a good run, the workers stop (half a second of waiting on processes) while the caller goes on
+        # with its own work, e.g. the report; ``wait_closed`` joins. On an error the cluster is closed first.
+        closing = threading.Thread(target=cluster.close, name="mnist-kmeans-cluster-close")
+        closing.start()
+        _closing.append(closing)
         return
 
     if address.startswith("tls://") and cfg.tls is None:

@@ -45,13 +45,13 @@ def assign(x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, dist
 
 
-def _assign_many(x: np.ndarray, center_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _assign_many(x: np.ndarray, center_sets: Sequence[np.ndarray], x_sq: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`assign` for several center sets at once: one GEMM against all of them stacked, which is several times
-    faster than one small GEMM per set (restarts of a small K, the earlier epochs of a chain)."""
+    faster than one small GEMM per set (the restarts of a small K, the earlier epochs of a chain)."""
     stacked = np.concatenate(center_sets) if len(center_sets) > 1 else center_sets[0]
     d = x @ (-2 * stacked.T)
     d += np.einsum("ij,ij->i", stacked, stacked)[None, :]
-    x_sq = np.einsum("ij,ij->i", x, x)
+    x_sq = np.einsum("ij,ij->i", x, x) if x_sq is None else x_sq
     rows = np.arange(len(x))
     out, start = [], 0
     for centers in center_sets:
@@ -72,18 +72,33 @@ def chunk_stats(
     *,
     with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
+    gemm_groups: Sequence[int] = (),
 ) -> list[PassStats]:
-    """Statistics of each center set (the restarts of a K, every K of the grid ...) on the rows ``x`` (float32)
-    with classes ``y``: one GEMM against all of them.
+    """Statistics of each center set (every K of the grid, the restarts of a K ...) on the rows ``x`` (float32) with
+    classes ``y``, read once for all of them.
 
     ``with_sums``: for every set, or one flag per set. ``histories[i]`` are earlier center sets of the same chain as
     ``center_sets[i]`` (its centers after each earlier epoch) whose inertia is wanted too: only their squared
-    distances are kept, as the leading entries of ``ssd``. A pure function.
+    distances are kept, as the leading entries of ``ssd``. ``gemm_groups``: how many consecutive sets share one GEMM
+    (default: one each, with its history). Sharing is faster for small K, but BLAS rounds a column of a product
+    differently depending on the other columns: only sets that always travel together (the restarts of one K) may
+    share, or a set's labels would depend on what else its pass holds, and a resumed run, whose passes hold other
+    sets, could end with other centroids. A pure function.
     """
-    histories = list(histories) or [()] * len(center_sets)
-    sums = [with_sums] * len(center_sets) if isinstance(with_sums, bool) else list(with_sums)
-    flat = [m for centers, hist in zip(center_sets, histories) for m in (*hist, centers)]
-    assigned = iter(_assign_many(x, flat))
+    n = len(center_sets)
+    histories = list(histories) or [()] * n
+    sums = [with_sums] * n if isinstance(with_sums, bool) else list(with_sums)
+    sizes = list(gemm_groups) or [1] * n
+    if sum(sizes) != n:
+        raise ValueError(f"gemm_groups {sizes} do not cover the {n} center sets")
+    x_sq = np.einsum("ij,ij->i", x, x)
+    assigned_sets: list[tuple[np.ndarray, np.ndarray]] = []
+    first = 0
+    for size in sizes:
+        group = [m for i in range(first, first + size) for m in (*histories[i], center_sets[i])]
+        assigned_sets += _assign_many(x, group, x_sq)
+        first += size
+    assigned = iter(assigned_sets)
     out = []
     for centers, hist, want_sums in zip(center_sets, histories, sums):
         ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
@@ -116,12 +131,14 @@ def chunk_stats_task(
     *,
     with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
+    gemm_groups: Sequence[int] = (),
 ) -> list[PassStats]:
     """One task: :func:`chunk_stats` on one chunk of the store, read on the worker."""
     x, y = load_chunk(info, split, chunk)
     if y.size and int(y.max()) >= info.n_classes:
         raise ValueError(f"{info.url}: {split} chunk {chunk} holds label {int(y.max())} >= n_classes={info.n_classes}")
-    return chunk_stats(x, y.astype(np.int64), center_sets, info.n_classes, with_sums=with_sums, histories=histories)
+    return chunk_stats(x, y.astype(np.int64), center_sets, info.n_classes, with_sums=with_sums, histories=histories,
+                       gemm_groups=gemm_groups)
 
 
 def combine(*parts: list[PassStats]) -> list[PassStats]:

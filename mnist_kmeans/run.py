@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -194,6 +195,23 @@ def run_job(
     log: Any = None,
 ) -> Path:
     """Run a job file end to end and return the path of its report."""
+    try:
+        return _run_job(job_file, cluster_file, scheduler, store, out, resume, argv, log)
+    finally:
+        if "mnist_kmeans.cluster" in sys.modules:  # an embedded cluster may still be closing behind the report
+            sys.modules["mnist_kmeans.cluster"].wait_closed()
+
+
+def _run_job(
+    job_file: str,
+    cluster_file: str | None,
+    scheduler: str | None,
+    store: str | None,
+    out: str | None,
+    resume: str | None,
+    argv: Sequence[str],
+    log: Any,
+) -> Path:
     t_total = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     job = with_overrides(load_job(job_file), store=store)
@@ -207,8 +225,6 @@ def run_job(
         _check_same_store(run_dir, info)
         ckpt = Checkpoint.open(run_dir / "centroids.zarr")  # validated before any cluster starts
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-    from distributed import performance_report
 
     from mnist_kmeans.cluster import connect
 
@@ -243,7 +259,8 @@ def run_job(
         try:
             # written under a temporary name and renamed: a cut-short run never leaves a truncated report
             partial_report = run_dir / ".dask-performance.html.partial"
-            with performance_report(filename=str(partial_report), mode="inline"):
+            code = shlex.join(argv) + "\n\n" + yaml.safe_dump(job.to_yaml_dict(), sort_keys=False)
+            with _performance_report(str(partial_report), code):
                 best, rows, maps, tables = fit_and_evaluate(client, job, info, ckpt)
                 best_k = pick_best_k(rows)
                 gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
@@ -310,6 +327,18 @@ def run_job(
     return render_report(run_dir, final_timings)
 
 
+def _performance_report(filename: str, code: str) -> Any:
+    """distributed's ``performance_report``, inline (it opens offline), whose "calling code" is ``code`` (the job):
+    by default it finds its caller's source with ``inspect``, a third of a second in a process of this size."""
+    from distributed import get_client, performance_report
+
+    class Report(performance_report):
+        def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+            get_client().sync(self.__aexit__, exc_type, exc_value, traceback, code=code)
+
+    return Report(filename=filename, mode="inline")
+
+
 def _gallery(client: Any, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
     """The first misclassified test digits of the best model, found on the workers."""
     futures = [
@@ -351,10 +380,9 @@ def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray
 
 def _resume_command(job_file: str, run_dir: Path, store: str | None) -> str:
     """The command line that continues this run (``--store`` too when it was given: a resume must use the same)."""
-    import shlex
 
     parts = ["mnist-kmeans", "run", str(job_file), "--resume", str(run_dir)] + (["--store", store] if store else [])
-    return " ".join(shlex.quote(p) for p in parts)
+    return shlex.join(parts)
 
 
 def _raise_cluster_or_data_error(

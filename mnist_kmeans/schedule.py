@@ -15,9 +15,10 @@ and Lloyd steps. So restarts cost one chunk each whatever the size of the data s
 restarts (the small ones, where the local optimum found varies most) do not multiply the work of the rest. With
 one restart there is no screening.
 
-Every statistics pass serves the whole grid at once: each chunk task reads its rows once and makes one GEMM against
-the centers of every K (and restart) that needs the pass (evaluate.py). Small-K GEMMs alone use a fraction of the
-machine; stacked, the grid's passes cost a quarter less and need a sixth of the tasks.
+Every statistics pass serves the whole grid at once: each chunk task reads its rows once for every K that needs the
+pass, a sixth of the tasks of a pass per K. The restarts of a K share one GEMM (small-K products alone use a fraction
+of the machine); different K's do not, so that a K's result never depends on which others share its pass
+(evaluate.chunk_stats).
 
 Futures rather than one delayed graph: the chains run eagerly, every epoch end is saved the moment it exists,
 progress is exact, and a Ctrl-C cancels what is left. The client holds one future per chain and step in
@@ -202,11 +203,14 @@ def run_chains(
             on(fut, (*event, None))
         return fut
 
-    def stats_pass(split: str, center_sets: list[Any], with_sums: Any, histories: Sequence = (), priority: int = 0) -> Future:
+    def stats_pass(
+        split: str, center_sets: list[Any], with_sums: Any, histories: Sequence = (), gemm_groups: Sequence[int] = (),
+        priority: int = 0,
+    ) -> Future:
         """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
         parts = [
             submit(chunk_stats_task, center_sets, info, split, j, with_sums=with_sums, histories=histories,
-                   priority=priority)
+                   gemm_groups=gemm_groups, priority=priority)
             for j in range(info.n_chunks(split))
         ]
         return tree_reduce(client, parts, priority=priority)
@@ -261,7 +265,7 @@ def run_chains(
             starts[k] = _Start(submit(init_chain, sample, k, 0, params, priority=FIRST), 0, [])
     if screened:
         screen = stats_pass("train", [submit(centers_of, h, priority=FIRST) for _, heads in screened for h in heads],
-                            False, priority=FIRST)
+                            False, gemm_groups=[len(heads) for _, heads in screened], priority=FIRST)
         first = 0
         for k, heads in screened:
             on(screen, ("screen", k, 0, slice(first, first + len(heads))))

@@ -415,11 +415,14 @@ def augment_command(args: argparse.Namespace) -> StoreInfo:
         cluster_file = "cluster.yaml"
     cfg = load_cluster(cluster_file)
     plan = _check(args.store, args.out, args.rows, args.seed)
-    from mnist_kmeans.cluster import connect  # imports distributed: only once the inputs are known to be good
+    from mnist_kmeans.cluster import connect, wait_closed  # imports distributed: only once the inputs are good
 
-    with connect(cfg, args.scheduler) as (client, cinfo):
-        print(f"dashboard: {cinfo.dashboard}", flush=True)
-        return _build(plan, client, _err)
+    try:
+        with connect(cfg, args.scheduler) as (client, cinfo):
+            print(f"dashboard: {cinfo.dashboard}", flush=True)
+            return _build(plan, client, _err)
+    finally:
+        wait_closed()
 
 
 def augment(

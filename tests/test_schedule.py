@@ -1,0 +1,109 @@
+"""schedule.run_chains on a real (in-process) LocalCluster: the screening of restarts, the grid's shared passes, and a
+resume from a checkpoint whose K's stopped at different stages.
+
+The store is the session's small one (3,000 rows of 10x10 in six chunks of 500); ``screen_rows: 1000`` makes the
+restarts compete on their first two chunks.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from mnist_kmeans.checkpoint import Checkpoint
+from mnist_kmeans.data.store import StoreInfo, load_chunk, open_store
+from mnist_kmeans.evaluate import chunk_stats
+from mnist_kmeans.fit import FitParams, draw_sample, fit_chunk, init_chain
+from mnist_kmeans.schedule import FitPlan, KResult, run_chains
+
+RESTARTS = {3: 3, 5: 1, 8: 2}
+EPOCHS, LLOYD = 2, 2
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+@pytest.fixture(scope="module")
+def info(kgrid_store) -> StoreInfo:
+    return open_store(kgrid_store[0])
+
+
+def plan_for(info: StoreInfo) -> FitPlan:
+    return FitPlan(info, RESTARTS, EPOCHS, LLOYD, FitParams(batch_size=100, seed=4, screen_rows=1000))
+
+
+@pytest.fixture(scope="module")
+def reference(client: Client, info: StoreInfo, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, KResult]]:
+    path = tmp_path_factory.mktemp("schedule") / "centroids.zarr"
+    results = run_chains(client, plan_for(info), Checkpoint.create(path, info.image_shape))
+    return path, {r.k: r for r in results}
+
+
+def test_only_the_restart_ahead_at_the_screening_goes_on(reference, info: StoreInfo) -> None:
+    path, results = reference
+    ckpt = Checkpoint.open(path)
+    for k, n_restarts in RESTARTS.items():
+        r = results[k]
+        assert len(r.restart_inertia) == (n_restarts if n_restarts > 1 else 0)
+        if n_restarts > 1:
+            assert r.restart == int(np.argmin(r.restart_inertia))
+            assert len(set(r.restart_inertia)) == n_restarts  # the restarts did differ
+        saved = {restart: ckpt.progress(k, restart) for restart in range(n_restarts)}
+        assert saved == {restart: ((EPOCHS, LLOYD) if restart == r.restart else (0, 0)) for restart in saved}
+        assert ckpt.chain_attrs(k, r.restart)["screen_inertia"] == r.restart_inertia
+        assert len(r.trajectory) == EPOCHS + LLOYD and r.trajectory[-1] == r.train.inertia
+        lloyd = r.trajectory[EPOCHS - 1 :]  # a Lloyd step never raises the inertia (up to float32 rounding)
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(lloyd, lloyd[1:])), (k, r.trajectory)
+        assert r.train.counts.sum() == info.n_train and r.test.counts.sum() == info.n_test
+
+
+def test_screening_inertia_is_the_exact_training_inertia_after_the_first_chunks(reference, info: StoreInfo) -> None:
+    """Restart by restart, by hand: k-means++, two fit_chunk tasks, then the inertia over every training chunk."""
+    _, results = reference
+    params = plan_for(info).params
+    assert params.screen_chunks(info) == 2
+    k = 3
+    sample = draw_sample(info, max(params.init_rows(kk, info.n_train) for kk in RESTARTS), params.seed)
+    for restart in range(RESTARTS[k]):
+        state = init_chain(sample, k, restart, params)
+        for _ in range(2):
+            state = fit_chunk(state, info, params)
+        assert (state.epoch, state.chunks_done) == (0, 2)
+        ssd = 0.0
+        for j in range(info.n_chunks("train")):
+            x, y = load_chunk(info, "train", j)
+            ssd += chunk_stats(x, y.astype(np.int64), [state.centers], info.n_classes)[0].inertia
+        # (float32 distances: a GEMM against one set or against all restarts stacked rounds a little differently)
+        assert results[k].restart_inertia[restart] == pytest.approx(ssd, rel=1e-6)
+
+
+def test_resume_from_a_mix_of_stages_gives_the_same_centroids(client, reference, info: StoreInfo, tmp_path: Path) -> None:
+    """K=3 resumed after its first Lloyd step, K=5 after its first epoch, K=8 with nothing saved (screened anew):
+    the passes of the grid line up differently, the results must not change by a bit."""
+    path, results = reference
+    copy = tmp_path / "centroids.zarr"
+    shutil.copytree(path, copy)
+    ckpt = Checkpoint.open(copy)
+    g3 = ckpt.group[f"chains/k3/r{results[3].restart}"]
+    g3.update_attributes({"lloyd_done": 1, "lloyd_inertia": []})
+    ckpt.group["chains/k5/r0"].update_attributes({"epochs_done": 1, "lloyd_done": 0})
+    shutil.rmtree(copy / "chains" / "k8")
+
+    resumed = Checkpoint.open(copy)
+    assert (resumed.progress(3, results[3].restart), resumed.progress(5, 0)) == ((EPOCHS, 1), (1, 0))
+    again = {r.k: r for r in run_chains(client, plan_for(info), resumed)}
+    for k, r in results.items():
+        assert np.array_equal(again[k].centers, r.centers), k
+        assert again[k].restart == r.restart and again[k].restart_inertia == r.restart_inertia
+        assert again[k].trajectory == pytest.approx(r.trajectory, rel=1e-12)
+        assert np.array_equal(again[k].test.contingency, r.test.contingency)
+        assert Checkpoint.open(copy).progress(k, r.restart) == (EPOCHS, LLOYD)
