@@ -7,7 +7,8 @@
 (b) this project's fit + evaluation of the job on a warm ``LocalCluster`` (2 workers x 1 thread), the same code path
     as ``mnist-kmeans run`` minus cluster start-up and the report.
 Repetitions alternate a, b, a, b ... so that both see the same machine state; medians and the ratio b/a are
-printed. ``--cold`` also times ``mnist-kmeans run`` end to end (cluster start to report written) against (a).
+printed. ``--cold`` also times ``mnist-kmeans run`` end to end (process start to report written, its own embedded
+cluster) in the same alternation, against (a).
 Also printed: the job's effective GFLOP/s of distance products against a measured float32 GEMM peak.
 """
 
@@ -142,11 +143,11 @@ def main() -> None:
         for rep in range(args.reps):
             runs["loop"].append(seed_loop(xtr, ytr, xte, yte, job.k_grid, info.n_classes))
             runs["job"].append(project_job(client, job, info))
-            print(f"rep {rep}: loop {runs['loop'][-1]['seconds']:.2f} s, job {runs['job'][-1]['seconds']:.2f} s", flush=True)
-    if args.cold:
-        for rep in range(args.reps):
-            runs["cold"].append({"seconds": cold_run(args.job, info.url)})
-            print(f"cold rep {rep}: {runs['cold'][-1]['seconds']:.2f} s", flush=True)
+            line = f"rep {rep}: loop {runs['loop'][-1]['seconds']:.2f} s, job {runs['job'][-1]['seconds']:.2f} s"
+            if args.cold:  # in the same alternation, so that the ratio compares runs made under the same load
+                runs["cold"].append({"seconds": cold_run(args.job, info.url)})
+                line += f", cold run {runs['cold'][-1]['seconds']:.2f} s"
+            print(line, flush=True)
 
     med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if rs}
     flops = job_flops(job, info)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -264,6 +265,24 @@ def _run_job(
                 best, rows, maps, tables = fit_and_evaluate(client, job, info, ckpt)
                 best_k = pick_best_k(rows)
                 gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
+                t_done = time.perf_counter()
+                fit_end = max(r.fit_seconds for r in best.values()) + t_fit
+                timings = {
+                    "cluster_start_s": round(cluster_start_s, 3),
+                    "ingest_s": round(ingest_s, 3),
+                    "fit_s": round(min(fit_end, t_done) - t_fit, 3),
+                    "evaluate_s": round(max(t_done - fit_end, 0.0), 3),
+                    "report_s": 0.0,
+                    "total_s": 0.0,
+                }
+                metrics = _write_results(run_dir, ckpt, job, info, cinfo, best, rows, maps, tables, best_k, gallery,
+                                         timings, started)
+                if resuming:
+                    manifest["resumed_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                    previous = json.loads((run_dir / "manifest.json").read_text())
+                    write_json(run_dir / "manifest.json", {**previous, "resumed": manifest})
+                t_report = time.perf_counter()
+                report = _Report(run_dir, client)  # its figures are drawn on a worker while the performance report is written
             os.replace(partial_report, run_dir / "dask-performance.html")
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
@@ -274,9 +293,33 @@ def _run_job(
         except Exception as exc:
             _raise_cluster_or_data_error(exc, run_dir, job_file, store=store, client=client)
             raise
-        t_done = time.perf_counter()
 
-    fit_end = max(r.fit_seconds for r in best.values()) + t_fit
+        def final_timings() -> dict[str, float]:
+            """Called by the report just before its page is rendered: the rest (a few writes) takes milliseconds."""
+            metrics["timings"]["report_s"] = round(time.perf_counter() - t_report, 3)
+            metrics["timings"]["total_s"] = round(time.perf_counter() - t_total, 3)
+            write_json(run_dir / "metrics.json", metrics)
+            return metrics["timings"]
+
+        return report.write(final_timings)
+
+
+def _write_results(
+    run_dir: Path,
+    ckpt: Checkpoint,
+    job: JobConfig,
+    info: StoreInfo,
+    cinfo: Any,
+    best: dict[int, KResult],
+    rows: list[dict],
+    maps: dict[str, list],
+    tables: dict,
+    best_k: int,
+    gallery: dict[str, np.ndarray],
+    timings: dict[str, float],
+    started: str,
+) -> dict[str, Any]:
+    """Every file of the run directory but the two reports; returns metrics.json's content (written too)."""
     for k, r in best.items():
         ckpt.save_result(k, r.centers, ckpt.epoch_centers(k, r.restart))
     _write_samples(run_dir, info, gallery, best_k)
@@ -299,32 +342,36 @@ def _run_job(
         "restart_inertia_note": (
             "exact training inertia of each restart after its first screen_rows rows; only the lowest (restart) went on"
         ),
-        "timings": {
-            "cluster_start_s": round(cluster_start_s, 3),
-            "ingest_s": round(ingest_s, 3),
-            "fit_s": round(min(fit_end, t_done) - t_fit, 3),
-            "evaluate_s": round(max(t_done - fit_end, 0.0), 3),
-            "report_s": 0.0,
-            "total_s": 0.0,
-        },
+        "timings": timings,
         "cluster": {k: v for k, v in cinfo.as_dict().items() if k != "embedded"},
         "started_utc": started,
     }
-    if resuming:
-        manifest["resumed_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        write_json(run_dir / "manifest.json", {**json.loads((run_dir / "manifest.json").read_text()), "resumed": manifest})
-    t_report = time.perf_counter()
     write_json(run_dir / "metrics.json", metrics)
-    from mnist_kmeans.report.html import render_report
+    return metrics
 
-    def final_timings() -> dict[str, float]:
-        """Called by the report once its figures are drawn: the rest (one template, a few writes) takes milliseconds."""
-        metrics["timings"]["report_s"] = round(time.perf_counter() - t_report, 3)
-        metrics["timings"]["total_s"] = round(time.perf_counter() - t_total, 3)
-        write_json(run_dir / "metrics.json", metrics)
-        return metrics["timings"]
 
-    return render_report(run_dir, final_timings)
+class _Report:
+    """report.html of a finished run. Its figures are drawn on the cluster's workers, idle by then, one task each,
+    while this process writes the performance report (each takes a second or two alone); here if that fails."""
+
+    def __init__(self, run_dir: Path, client: Any):
+        from mnist_kmeans.report.html import build_figures, load_run, load_seed_table
+
+        self.run, self.seed_table = load_run(run_dir), load_seed_table()
+
+        def submit(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            return client.submit(fn, *args, pure=False, **kwargs)
+
+        self.figs, self.notes = build_figures(self.run, self.seed_table, draw=submit)
+
+    def write(self, final_timings: Any) -> Path:
+        from mnist_kmeans.report.html import build_figures, write_report
+
+        try:
+            figs, notes = [dataclasses.replace(f, png=f.png.result()) for f in self.figs], self.notes
+        except Exception:  # a worker without matplotlib, a cluster gone: the figures do not need one
+            figs, notes = build_figures(self.run, self.seed_table)
+        return write_report(self.run, figs, notes, self.seed_table, final_timings)
 
 
 def _performance_report(filename: str, code: str) -> Any:

@@ -376,6 +376,10 @@ def _png_size(png: bytes) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------- figures
 
 
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
 @dataclass
 class ReportFigure:
     """One figure of the report: saved as ``figures/<name>.png`` and embedded in the page."""
@@ -405,8 +409,16 @@ def _common_epochs(results: Sequence[Mapping[str, Any]]) -> int | None:
     return values.pop() if len(values) == 1 and _is_int(next(iter(values))) else None
 
 
-def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[ReportFigure], list[str]]:
-    """All figures of the report, in reading order, and notes about figures that could not be drawn."""
+def build_figures(
+    run: RunData, seed_table: Mapping[str, Any], draw: Callable[..., Any] | None = None
+) -> tuple[list[ReportFigure], list[str]]:
+    """All figures of the report, in reading order, and notes about figures that could not be drawn.
+
+    ``draw(fn, *args, **kwargs)``, if given, is called instead of each figure function ``fn(*args, **kwargs)``:
+    e.g. ``Client.submit``, to draw the figures on a cluster's workers at once. Each figure's ``png`` is then what
+    ``draw`` returned (a future), for the caller to resolve.
+    """
+    draw = draw or _call
     res = run.results
     ks = [r["k"] for r in res]
     col = {key: [r[key] for r in res] for key in _METRIC_KEYS}
@@ -421,7 +433,7 @@ def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[Rep
             "training_digits", f"The first {len(images)} training digits",
             "The first rows of the training split with their true labels, as the seed notebook shows them.",
             "Grid of the first training digits, each titled 'Number' and its label.",
-            figures.training_digits(images, labels)))
+            draw(figures.training_digits, images, labels)))
     else:
         notes.append("samples.zarr holds no training digits to show.")
 
@@ -431,7 +443,7 @@ def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[Rep
         "It falls as K grows whatever the data; a bend (“elbow”) hints at a natural number of clusters."
         + (" Dashed: the seed notebook's published values." if comparable else ""),
         "Line chart of inertia against K.",
-        figures.inertia_vs_k(ks, col["inertia"],
+        draw(figures.inertia_vs_k, ks, col["inertia"],
                              seed={k: r["inertia"] for k, r in seed_rows.items()} if comparable else None)))
 
     figs.append(ReportFigure(
@@ -442,7 +454,7 @@ def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[Rep
         "not reward extra clusters for free and are fair across K."
         + (" Dashed: the seed notebook's published values." if comparable else ""),
         "Two line charts: homogeneity and train and test accuracy against K; ARI and NMI against K.",
-        figures.scores_vs_k(ks, col["homogeneity"], col["accuracy_train"], col["accuracy_test"], col["ari"],
+        draw(figures.scores_vs_k, ks, col["homogeneity"], col["accuracy_train"], col["accuracy_test"], col["ari"],
                             col["nmi"],
                             seed={k: (r["homogeneity"], r["accuracy_train"]) for k, r in seed_rows.items()}
                             if comparable else None)))
@@ -461,7 +473,7 @@ def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[Rep
             f"Each centroid drawn as an image and titled “Inferred label: d”, the most frequent true label of the "
             f"training rows nearest to it.{detail}",
             f"Grid of the {k} centroid images, each titled 'Inferred label' and its label.",
-            figures.centroid_grid(cents, lm, run.image_shape)))
+            draw(figures.centroid_grid, cents, lm, run.image_shape)))
 
     matrix, pred_names = confusion_from_contingency(run.test_contingency, run.label_maps[run.best_k], run.n_classes)
     total = int(matrix.sum())
@@ -475,7 +487,7 @@ def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[Rep
         + (f" {unmapped:,} rows fall in clusters without a label (column “none”)." if unmapped else "")
         + " Cells are shaded by their share of the row.",
         f"Confusion matrix of the test split for K={run.best_k}.",
-        figures.confusion_matrix(matrix, [str(c) for c in range(run.n_classes)], pred_names,
+        draw(figures.confusion_matrix, matrix, [str(c) for c in range(run.n_classes)], pred_names,
                                  title=f"Test split, K={run.best_k}")))
 
     mis, true, pred, mis_k = run.misclassified
@@ -485,7 +497,7 @@ def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[Rep
             f"The first {len(mis)} test digits whose cluster's inferred label is wrong at K={mis_k or run.best_k}, "
             "titled “true → predicted”.",
             "Grid of misclassified test digits with their true and predicted labels.",
-            figures.misclassified_gallery(mis, true, pred)))
+            draw(figures.misclassified_gallery, mis, true, pred)))
     else:
         notes.append("No misclassified test digits to show.")
 
@@ -497,7 +509,7 @@ def build_figures(run: RunData, seed_table: Mapping[str, Any]) -> tuple[list[Rep
             "Training inertia after each epoch, one line per K; right, the same relative to the last epoch, so "
             "convergence reads on one scale for every K." + (f" Measured: {how}." if isinstance(how, str) else ""),
             "Line charts of inertia after each epoch for every K.",
-            figures.inertia_per_epoch(curves, epochs=_common_epochs(res))))
+            draw(figures.inertia_per_epoch, curves, epochs=_common_epochs(res))))
     else:
         notes.append("metrics.json holds no 'inertia_per_epoch' for any K.")
     return figs, notes
@@ -651,14 +663,27 @@ def render_html(context: Mapping[str, Any]) -> str:
 def render_report(run_dir: str | Path, final_timings: Callable[[], Mapping[str, Any]] | None = None) -> Path:
     """Render ``<run_dir>/report.html`` (and ``<run_dir>/figures/*.png``) from the run directory alone.
 
-    ``final_timings``, if given, is called once the figures are drawn (the slow part) and returns the timings the
-    report shows instead of metrics.json's: ``run`` uses it to show the report's own time and the total.
     Returns the path of the report. Raises :class:`~mnist_kmeans.errors.UserError` when a required file is
     missing or malformed; nothing is written in that case.
     """
     run = load_run(run_dir)
     seed_table = load_seed_table()
     figs, notes = build_figures(run, seed_table)
+    return write_report(run, figs, notes, seed_table, final_timings)
+
+
+def write_report(
+    run: RunData,
+    figs: Sequence[ReportFigure],
+    notes: Iterable[str],
+    seed_table: Mapping[str, Any],
+    final_timings: Callable[[], Mapping[str, Any]] | None = None,
+) -> Path:
+    """Write the figures and ``report.html`` of ``run``; returns the path of the report.
+
+    ``final_timings``, if given, is called just before the page is rendered and returns the timings it shows instead
+    of those ``run`` was loaded with: ``run`` uses it to show the report's own time and the total.
+    """
     if final_timings is not None:
         run = dataclasses.replace(run, metrics={**run.metrics, "timings": dict(final_timings())})
     html = render_html(build_context(run, figs, notes, seed_table))
