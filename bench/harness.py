@@ -154,7 +154,7 @@ def main() -> None:
     print()
     print(f"fit+evaluate, median of {args.reps}: loop {med['loop']:.2f} s, job {med['job']:.2f} s, ratio job/loop {med['job'] / med['loop']:.2f}")
     if "cold" in med:
-        print(f"cold `mnist-kmeans run` (cluster start to report): {med['cold']:.2f} s, ratio cold/loop {med['cold'] / med['loop']:.2f}")
+        print(f"cold `mnist-kmeans run` (process start to report written): {med['cold']:.2f} s, ratio cold/loop {med['cold'] / med['loop']:.2f}")
     print(f"job: {flops / 1e9:.1f} GFLOP of distance products, {flops / 1e9 / med['job']:.1f} GFLOP/s effective "
           f"({100 * flops / 1e9 / med['job'] / peak_all:.0f}% of the all-core GEMM peak)")
     print()

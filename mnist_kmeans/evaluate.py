@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse
-from sklearn import metrics as skm
 
 from mnist_kmeans.data.store import StoreInfo, load_chunk
+
+# scipy and scikit-learn are imported where they are used: on the workers (and, for the metrics, in a task), not
+# in the client, which only submits these functions (see fit.py).
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: b
         # A sparse one-hot (K x n) product: one add per pixel whatever K is, 6 ms for 10,000 MNIST rows, where a
         # dense one-hot GEMM costs as much as the distances and np.add.at/reduceat are 5-10x slower. A chunk's
         # sums are exact enough in float32 (at most chunk_rows values in [0, 1]); chunks are summed in float64.
+        import scipy.sparse
+
         onehot = scipy.sparse.csr_matrix(
             (np.ones(len(labels), dtype=x.dtype), (labels, np.arange(len(labels)))), shape=(k, len(labels))
         )
@@ -191,6 +194,8 @@ def label_vectors(contingency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def cluster_metrics(contingency_train: np.ndarray) -> dict[str, float]:
     """SPEC's label-based metrics on the training split, computed by ``sklearn.metrics``."""
+    from sklearn import metrics as skm
+
     y_true, y_pred = label_vectors(contingency_train)
     h, c, v = skm.homogeneity_completeness_v_measure(y_true, y_pred)
     return {

@@ -62,20 +62,21 @@ def _versions() -> dict[str, str]:
 
     import dask
     import distributed
-    import sklearn
     import zarr
 
-    try:  # from its metadata: importing dask-ml (unused by the run) would cost 3 s
-        dask_ml_version = metadata.version("dask-ml")
-    except metadata.PackageNotFoundError:
-        dask_ml_version = "not installed"
+    def version(dist: str) -> str:  # from the metadata: importing scikit-learn or dask-ml here would cost seconds
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
     return {
         "python": platform.python_version(),
         "mnist_kmeans": __version__,
         "dask": dask.__version__,
         "distributed": distributed.__version__,
-        "dask_ml": dask_ml_version,
-        "scikit-learn": sklearn.__version__,
+        "dask_ml": version("dask-ml"),
+        "scikit-learn": version("scikit-learn"),
         "numpy": np.__version__,
         "zarr": zarr.__version__,
     }
@@ -128,8 +129,11 @@ def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
         raise UserError(f"{manifest}: the run was made on another store than {info.url}; resume with the same store")
 
 
-def results_table(best: dict[int, KResult], job: JobConfig) -> tuple[list[dict], dict[str, list], dict]:
-    """metrics.json's ``results``, label_maps.json, and evaluation.json's per-K tables."""
+def results_table(
+    best: dict[int, KResult], job: JobConfig, scores: dict[int, dict[str, float]]
+) -> tuple[list[dict], dict[str, list], dict]:
+    """metrics.json's ``results``, label_maps.json, and evaluation.json's per-K tables; ``scores``: the
+    :func:`~mnist_kmeans.evaluate.cluster_metrics` of each K."""
     rows, maps, tables = [], {}, {}
     for k, r in best.items():
         mapping = label_map(r.train.contingency)
@@ -139,7 +143,7 @@ def results_table(best: dict[int, KResult], job: JobConfig) -> tuple[list[dict],
             {
                 "k": k,
                 "inertia": r.train.inertia,
-                **cluster_metrics(r.train.contingency),
+                **scores[k],
                 "accuracy_train": accuracy(r.train.contingency, mapping),
                 "accuracy_test": accuracy(r.test.contingency, mapping),
                 "n_empty_clusters": int(sum(m is None for m in mapping)),
@@ -172,7 +176,9 @@ def fit_and_evaluate(client: Any, job: JobConfig, info: StoreInfo, ckpt: Checkpo
     Returns the result per K, metrics.json's rows, the label maps and the contingency tables.
     """
     best = {r.k: r for r in run_chains(client, plan_of(job, info), ckpt, progress or Progress())}
-    rows, maps, tables = results_table(best, job)
+    # on the cluster, where scikit-learn is imported already (this process never imports it)
+    futures = {k: client.submit(cluster_metrics, r.train.contingency, pure=False) for k, r in best.items()}
+    rows, maps, tables = results_table(best, job, {k: f.result() for k, f in futures.items()})
     return best, rows, maps, tables
 
 

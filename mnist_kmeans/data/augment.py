@@ -54,7 +54,7 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from mnist_kmeans.data.ingest import _existing_store, _local_path, _staging
+from mnist_kmeans.data.staging import existing_store, local_path, staging
 from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
     StoreInfo,
@@ -472,14 +472,14 @@ def _check(store: str, out: str, rows: int, seed: int, params: DeformParams = DE
         raise UserError(f"--seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
     store, out = str(store), str(out)
     source = open_store(store)  # messages name the store as the user wrote it
-    src_local = _local_path(store)
+    src_local = local_path(store)
     if src_local is not None:  # workers may run in another directory: hand them an absolute path
         source = dataclasses.replace(source, url=str(src_local))
-    local = _local_path(out)
+    local = local_path(out)
     where = _same_or_inside(out, local, store, src_local)
     if where:
         raise UserError(f"--out {out}: is {where} the source store --store {store}; choose another path")
-    existing = _existing_store(out, local)
+    existing = existing_store(out, local)
     if existing is not None and existing.get("complete") is True:
         raise UserError(f"--out {out}: a complete store is already there; will not overwrite it (remove it first)")
     return _Plan(source, out, local, rows, seed, params, overwrite=local is None and existing is not None)
@@ -518,7 +518,7 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
             "rows_per_stream": ROWS_PER_STREAM,
         },
     }
-    with _staging(plan.local, plan.out, log) as target:
+    with staging(plan.local, plan.out, log) as target:
         try:
             group = create_store(target, attrs, overwrite=plan.overwrite)
             create_split(group, "train", plan.rows, src.n_features, src.chunk_rows)

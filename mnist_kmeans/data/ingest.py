@@ -13,21 +13,14 @@ An ingest:
    built in a sibling directory ``<store>.tmp-<hex>`` and renamed into place only once complete, so an error or a
    kill leaves what was there untouched; the next ingest removes the leftovers. A remote store (URL) is written in
    place: until its last attribute is written it is incomplete, which ``open_store`` refuses, and the next ingest
-   rebuilds it.
+   rebuilds it (``staging.py``, shared with ``augment``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import glob
-import os
-import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import zarr
 
@@ -36,16 +29,14 @@ from mnist_kmeans.data.sources import SPLIT_FILES, Source, open_source
 from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
     DEFAULT_CHUNK_ROWS,
-    FORMAT,
     StoreInfo,
     chunk_checksum,
     create_split,
     create_store,
-    is_remote,
     mark_complete,
     open_store,
-    read_attrs,
 )
+from mnist_kmeans.data.staging import existing_store, local_path, staging
 from mnist_kmeans.errors import UserError
 
 Log = Callable[[str], None]
@@ -101,8 +92,8 @@ def ingest(source: str, store: str, chunk_rows: int | None = None, force: bool =
 
 
 def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log) -> StoreInfo:
-    local = _local_path(store)
-    existing = _existing_store(store, local)
+    local = local_path(store)
+    existing = existing_store(store, local)
     with open_source(source) as src:
         layout = _check_layout(src)
         rows = chunk_rows or DEFAULT_CHUNK_ROWS
@@ -112,7 +103,7 @@ def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: L
         if existing is not None:
             why = "--force" if existing.get("complete") is True else "it is incomplete"
             log(f"ingest: rebuilding {store} ({why})")
-        with _staging(local, store, log) as target:
+        with staging(local, store, log) as target:
             _write(target, src, layout, rows, overwrite=local is None and existing is not None, log=log, name=store)
     info = open_store(store)
     h, w = info.image_shape
@@ -158,32 +149,6 @@ def _check_chunk_bytes(src: Source, layout: _Layout, rows: int) -> None:
 
 def _hxw(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
-
-
-def _local_path(store: str) -> Path | None:
-    """The absolute path of a local store (``file://`` included), ``None`` for a remote one."""
-    if store.startswith("file://"):
-        return Path(os.path.abspath(store[len("file://") :]))
-    return None if is_remote(store) else Path(os.path.abspath(store))
-
-
-def _existing_store(store: str, local: Path | None) -> dict[str, Any] | None:
-    """The attributes of the mnist-kmeans store at the target, ``None`` when the target is free; refuse the rest."""
-    nonempty_dir = False
-    if local is not None and local.exists():
-        if not local.is_dir():
-            raise UserError(f"{store}: exists and is not a directory; will not overwrite it")
-        nonempty_dir = any(local.iterdir())
-        if not nonempty_dir:
-            return None
-    attrs = read_attrs(store)
-    if attrs is None:
-        if nonempty_dir:
-            raise UserError(f"{store}: exists and is not an mnist-kmeans store; will not overwrite it")
-        return None
-    if attrs.get("format") != FORMAT:
-        raise UserError(f"{store}: holds a Zarr group of format {attrs.get('format')!r}, not {FORMAT!r}; will not overwrite it")
-    return attrs
 
 
 # --- no-op or refuse ------------------------------------------------------------------------------------------------
@@ -258,88 +223,3 @@ def _finish_file(src: Source, name: str, log: Log) -> str:
     status = src.check_md5(name, reader.md5)
     log(f"ingest: {name} {reader.header.describe()} {status}")
     return reader.md5
-
-
-# --- where a store is built -----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _staging(local: Path | None, store: str, log: Log) -> Iterator[str]:
-    """Yield where to build the new store; on success, put it in place of the old one.
-
-    A remote store is built in place. A local one is built in ``<store>.tmp-<hex>``, which holds an exclusive
-    ``flock`` while in use: the kernel drops it when its process dies, even by SIGKILL, so a later ingest can tell
-    a leftover from a directory another ingest is still writing.
-    """
-    if local is None:
-        yield store
-        return
-    _remove_leftovers(local, log)
-    tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        lock = os.open(tmp, os.O_RDONLY)
-    except OSError as exc:
-        raise UserError(f"{store}: cannot create the store there: {_why_unwritable(local, exc)}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield str(tmp)
-        _move_into_place(tmp, local)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(lock)
-
-
-def _why_unwritable(local: Path, exc: OSError) -> str:
-    """The reason to tell: a file where a parent directory should be, else the system's message."""
-    ancestor = local.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"{ancestor} is a file, not a directory"
-    return exc.strerror or str(exc)
-
-
-def _move_into_place(tmp: Path, local: Path) -> None:
-    try:
-        if local.is_dir() and any(local.iterdir()):
-            # The old store goes only now that the new one is complete: aside, swap, delete.
-            old = local.with_name(f"{local.name}.old-{uuid.uuid4().hex}")
-            os.rename(local, old)
-            try:
-                os.rename(tmp, local)
-            except OSError:
-                os.rename(old, local)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, local)  # rename(2) replaces an empty directory
-    except OSError as exc:
-        raise UserError(f"{local}: cannot move the new store into place: {exc.strerror or exc}") from None
-
-
-def _remove_leftovers(local: Path, log: Log) -> None:
-    """Delete the temporary directories that interrupted ingests into ``local`` left behind."""
-    prefix = glob.escape(local.name)
-    for leftover in sorted(local.parent.glob(f"{prefix}.tmp-*")) + sorted(local.parent.glob(f"{prefix}.old-*")):
-        if leftover.is_dir() and (leftover.name.startswith(f"{local.name}.old-") or _unlocked(leftover)):
-            shutil.rmtree(leftover, ignore_errors=True)
-            log(f"ingest: removed {leftover}, left by an interrupted ingest")
-
-
-def _unlocked(path: Path) -> bool:
-    """Whether no live process holds the ``flock`` of directory ``path``."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
