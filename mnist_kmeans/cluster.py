@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from mnist_kmeans.config import ClusterConfig
+from mnist_kmeans.config import ClusterConfig, LocalClusterConfig
 from mnist_kmeans.errors import ClusterError
 
 _closing: list[threading.Thread] = []  # embedded clusters closing in the background (see connect)
@@ -88,34 +88,19 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
     address = scheduler or cfg.scheduler
     if address is None:
         local = cfg.local
-        try:
-            cluster = LocalCluster(
-                # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
-                # assumed). Threads (processes: false) talk in-process and take no host.
-                host="127.0.0.1" if local.processes else None,
-                n_workers=local.n_workers,
-                threads_per_worker=local.threads_per_worker,
-                memory_limit=local.memory_limit,
-                dashboard_address=local.dashboard_address,
-                processes=local.processes,
-                # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
-                # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
-                silence_logs=logging.CRITICAL,
-            )
-        except Exception as exc:  # a port taken, no memory for the workers, a worker that dies at start ...
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise ClusterError(f"cannot start the local cluster of the cluster file ({reason})") from None
-        try:
-            with Client(cluster) as client:
-                yield client, describe(client, embedded=True)
-        except BaseException:
-            cluster.close()
-            raise
-        # After a good run, the workers stop (half a second of waiting on processes) while the caller goes on
-        # with its own work, e.g. the report; ``wait_closed`` joins. On an error the cluster is closed first.
-        closing = threading.Thread(target=cluster.close, name="mnist-kmeans-cluster-close")
-        closing.start()
-        _closing.append(closing)
+        if not local.processes:
+            # Worker threads in this process: one BLAS thread each, as the nanny gives every worker process. Several
+            # would also split a product differently from call to call, and round it differently: results that
+            # must not change would change in their last bits.
+            from threadpoolctl import threadpool_limits
+
+            blas = threadpool_limits(limits=1)
+            try:
+                yield from _local(local)
+            finally:
+                blas.restore_original_limits()
+        else:
+            yield from _local(local)
         return
 
     if address.startswith("tls://") and cfg.tls is None:
@@ -158,3 +143,35 @@ class _DropReconnectNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Failed to reconnect")
+
+
+def _local(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
+    """The embedded LocalCluster of ``local``, with its client (see :func:`connect`)."""
+    try:
+        cluster = LocalCluster(
+            # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
+            # assumed). Threads (processes: false) talk in-process and take no host.
+            host="127.0.0.1" if local.processes else None,
+            n_workers=local.n_workers,
+            threads_per_worker=local.threads_per_worker,
+            memory_limit=local.memory_limit,
+            dashboard_address=local.dashboard_address,
+            processes=local.processes,
+            # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
+            # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
+            silence_logs=logging.CRITICAL,
+        )
+    except Exception as exc:  # a port taken, no memory for the workers, a worker that dies at start ...
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ClusterError(f"cannot start the local cluster of the cluster file ({reason})") from None
+    try:
+        with Client(cluster) as client:
+            yield client, describe(client, embedded=True)
+    except BaseException:
+        cluster.close()
+        raise
+    # After a good run, the workers stop (half a second of waiting on processes) while the caller goes on
+    # with its own work, e.g. the report; ``wait_closed`` joins. On an error the cluster is closed first.
+    closing = threading.Thread(target=cluster.close, name="mnist-kmeans-cluster-close")
+    closing.start()
+    _closing.append(closing)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from mnist_kmeans.checkpoint import Checkpoint
+from mnist_kmeans.cluster import connect, wait_closed
+from mnist_kmeans.config import ClusterConfig, LocalClusterConfig
 from mnist_kmeans.data.store import StoreInfo, load_chunk, open_store
 from mnist_kmeans.evaluate import chunk_stats
 from mnist_kmeans.fit import FitParams, draw_sample, fit_chunk, init_chain
@@ -27,9 +29,11 @@ EPOCHS, LLOYD = 2, 2
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
-        with Client(cluster) as c:
-            yield c
+    """The embedded cluster of a cluster file with ``processes: false``: two worker threads in this process."""
+    cfg = ClusterConfig(local=LocalClusterConfig(processes=False, dashboard_address="127.0.0.1:0"))
+    with connect(cfg) as (c, _):
+        yield c
+    wait_closed()
 
 
 @pytest.fixture(scope="module")
