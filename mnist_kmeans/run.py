@@ -288,7 +288,7 @@ def _run_job(
                     previous = json.loads((run_dir / "manifest.json").read_text())
                     write_json(run_dir / "manifest.json", {**previous, "resumed": manifest})
                 t_report = time.perf_counter()
-                report = _Report(run_dir, client)  # its figures are drawn on a worker while the performance report is written
+                report = _Report(run_dir, client)  # figures drawn by the workers while this `with` ends (perf. report)
             os.replace(partial_report, run_dir / "dask-performance.html")
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
