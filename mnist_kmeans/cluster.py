@@ -13,6 +13,7 @@ one line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterator
@@ -139,10 +140,12 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
 
 
 class _DropReconnectNoise(logging.Filter):
-    """Drops the client's "Failed to reconnect to scheduler ..." record: ``run`` says it, with how to resume."""
+    """Drops the client's "Failed to reconnect to scheduler ..." record (``run`` says it, with how to resume) and the
+    tracebacks of the reconnect coroutines that closing the client then cancels."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to reconnect")
+        cancelled = record.exc_info is not None and isinstance(record.exc_info[1], asyncio.CancelledError)
+        return not (cancelled or str(record.msg).startswith("Failed to reconnect"))
 
 
 def _local(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:

@@ -312,10 +312,12 @@ def test_resume_after_client_sigkill_refits_nothing_saved_and_gives_the_same_cen
     with cluster_fresh.client() as client:
         stream = client.get_task_stream(start=t0)
     fit_tasks = [t["key"] for t in stream if str(t["key"]).startswith("fit_chunk-")]
-    # Only a K's chosen restart saves epochs. A K with nothing saved starts afresh: every restart fits the screening
-    # chunks (the whole first epoch: 3,000 rows < screen_rows), then the chosen one its other epochs.
-    expected = sum((EPOCHS - e) * N_CHUNKS for e, lloyd in client_killed.progress.values() if not lloyd)
-    expected += (len(K_GRID) - len(client_killed.progress)) * (RESTARTS + EPOCHS - 1) * N_CHUNKS
+    # Only a K's chosen restart saves epochs. A K with nothing saved (no chain, or one whose first save the kill cut
+    # short) starts afresh: every restart fits the screening chunks (the whole first epoch: 3,000 rows <
+    # screen_rows), then the chosen one its other epochs.
+    saved = [(e, lloyd) for e, lloyd in client_killed.progress.values() if e or lloyd]
+    expected = sum((EPOCHS - e) * N_CHUNKS for e, lloyd in saved if not lloyd)
+    expected += (len(K_GRID) - len(saved)) * (RESTARTS + EPOCHS - 1) * N_CHUNKS
     assert len(fit_tasks) == expected, (len(fit_tasks), expected, client_killed.progress)
     assert len(fit_tasks) < len(K_GRID) * (RESTARTS + EPOCHS - 1) * N_CHUNKS
     assert all(e == EPOCHS for e, _ in chain_progress(client_killed.run_dir).values())
