@@ -350,11 +350,18 @@ class Interrupted:
 
 def interrupt_after_first_epoch(setup: Setup, job: Path, run_dir: Path) -> Interrupted:
     out, err = setup.root / f"{run_dir.name}.out", setup.root / f"{run_dir.name}.err"
+    # A test run started in the background by a non-interactive shell has SIGINT ignored, and a child inherits that:
+    # Python would then never raise KeyboardInterrupt in it. With a handler here, the child starts with the default.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mnist_kmeans", *setup.run_args(job, "--out", str(run_dir))],
             cwd=REPO_ROOT, stdout=fo, stderr=fe, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
         )
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         while proc.poll() is None and time.monotonic() < deadline:
