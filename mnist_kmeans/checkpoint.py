@@ -8,10 +8,11 @@ Layout (Zarr v3; only the client process writes it)::
     chains/k{K}/r{R}/counts       float32 (epochs, K)       ... with the rest of its MiniBatchKMeans state
     chains/k{K}/r{R}/lloyd        float32 (lloyd_steps, K, H*W)  centers after each full-batch Lloyd step
 
-A chain's attributes say how much of it is saved (``epochs_done``, ``lloyd_done``, and the two integer counters of
-the mini-batch state per epoch). Only the restart of a K that won the screening (``schedule.py``) has a chain here. An epoch's arrays are written first and the attributes after, all in one write of
-``zarr.json`` (atomic on a local store), so an interrupted write is ignored on resume rather than half-used. Nothing
-here is a pickle: arrays and JSON only.
+Only the restart of a K that won the screening (``schedule.py``) has a chain here. A chain's attributes say how much
+of it is saved (``epochs_done``, ``lloyd_done``, and the two integer counters of the mini-batch state per epoch) and
+keep every restart's inertia at the screening (``screen_inertia``). An epoch's arrays are written first and the
+attributes after, all in one write of ``zarr.json`` (atomic on a local store), so an interrupted write is ignored on
+resume rather than half-used. Nothing here is a pickle: arrays and JSON only.
 
 A write that fails (a full or read-only disk) is a one-line :class:`UserError` naming the path; what was saved before
 stays valid. What a resume reads back is checked against the arrays it indexes, so a damaged or foreign

@@ -46,7 +46,9 @@ def assign(x: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, dist
 
 
-def _assign_many(x: np.ndarray, center_sets: Sequence[np.ndarray], x_sq: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+def _assign_many(
+    x: np.ndarray, center_sets: Sequence[np.ndarray], x_sq: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`assign` for several center sets at once: one GEMM against all of them stacked, which is several times
     faster than one small GEMM per set (the restarts of a small K, the earlier epochs of a chain)."""
     stacked = np.concatenate(center_sets) if len(center_sets) > 1 else center_sets[0]

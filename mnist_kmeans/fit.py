@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -120,7 +119,8 @@ def init_chain(sample: np.ndarray, k: int, restart: int, params: FitParams) -> C
     # float64: scikit-learn's k-means++ upcasts float32 distances block by block, which is 2x slower on MNIST.
     # The sample is finite and the arguments checked: skipping the per-call checks of its K steps saves 15%.
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        centers, _ = kmeans_plusplus(rows.astype(np.float64), k, random_state=derive_seed(params.seed, KMEANS_PP, k, restart))
+        seed = derive_seed(params.seed, KMEANS_PP, k, restart)
+        centers, _ = kmeans_plusplus(rows.astype(np.float64), k, random_state=seed)
     return ChainState(
         k=k,
         restart=restart,

@@ -258,7 +258,8 @@ def run_chains(
             continue
         sample = sample or submit(draw_sample, info, sample_rows, params.seed, priority=FIRST)
         if screening:
-            heads = [fit_chunks(submit(init_chain, sample, k, r, params, priority=FIRST), k, 0, S, False, FIRST) for r in range(R)]
+            inits = [submit(init_chain, sample, k, r, params, priority=FIRST) for r in range(R)]
+            heads = [fit_chunks(state, k, 0, S, save=False, priority=FIRST) for state in inits]
             screened.append((k, heads))
         else:
             g.chosen = 0
