@@ -608,3 +608,18 @@ def test_after_an_unreachable_scheduler_the_run_can_be_retried(
     if code == 2:  # the directory is kept for --resume: then --resume must take it
         code, _, err = call_main([*args, "--resume", str(unreachable.out)], capsys)
     assert code == 3, err
+
+
+def test_the_client_never_imports_scikit_learn() -> None:
+    """`run`'s process only submits the fit's functions and renders the report: importing scikit-learn (or dask-ml)
+    there would cost about two seconds of every run (README, "Performance"). A child process, for a clean import."""
+    code = (
+        "import sys\n"
+        "import mnist_kmeans.cli, mnist_kmeans.run, mnist_kmeans.schedule, mnist_kmeans.cluster, mnist_kmeans.report.html\n"
+        "from mnist_kmeans.run import _versions\n"
+        "assert _versions()['scikit-learn'][0].isdigit()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'dask_ml')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
