@@ -24,9 +24,25 @@ from distributed import Client, LocalCluster
 from distributed.security import Security
 
 from mnist_kmeans.config import ClusterConfig, LocalClusterConfig
-from mnist_kmeans.errors import ClusterError
+from mnist_kmeans.errors import ClusterError, one_line
 
 _closing: list[threading.Thread] = []  # embedded clusters closing in the background (see connect)
+
+
+def lost_cluster(exc: BaseException, client: Client | None = None) -> str | None:
+    """How the cluster was lost, if ``exc`` (raised while waiting on futures) means it was; else None.
+
+    Lost: the client lost its scheduler (whatever surfaced first), a task outlived the workers that died under it
+    (``KilledWorker``), a comm failed or timed out, or the futures were cancelled under us.
+    """
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    if client is not None and getattr(client, "status", "running") not in ("running", "connecting"):
+        return f"lost the scheduler ({one_line(exc, with_type=True)})"
+    if isinstance(exc, (KilledWorker, FutureCancelledError, OSError, TimeoutError)):  # CommClosedError is an OSError
+        return f"lost the cluster ({one_line(exc, with_type=True)})"
+    return None
 
 
 def wait_closed() -> None:
@@ -112,7 +128,7 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
     try:
         client = Client(address, timeout=cfg.connect_timeout, security=security_of(cfg))
     except Exception as exc:  # OSError, TimeoutError, a TLS handshake refused, a malformed address ...
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        reason = one_line(exc, with_type=True)
         if "SSL" in reason or "certificate" in reason.lower():
             raise ClusterError(
                 f"{address}: TLS handshake refused ({reason}); check tls ca_file, cert and key in the cluster file"
@@ -165,7 +181,7 @@ def _local(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
             silence_logs=logging.CRITICAL,
         )
     except Exception as exc:  # a port taken, no memory for the workers, a worker that dies at start ...
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        reason = one_line(exc, with_type=True)
         raise ClusterError(f"cannot start the local cluster of the cluster file ({reason})") from None
     try:
         with Client(cluster) as client:

@@ -220,10 +220,16 @@ def with_overrides(job: JobConfig, **overrides: Any) -> JobConfig:
     return dataclasses.replace(job, **{k: v for k, v in overrides.items() if v is not None})
 
 
+DEFAULT_CLUSTER_FILE = "cluster.yaml"
+
+
 def load_cluster(path: str | Path | None) -> ClusterConfig:
-    """Read ``cluster.yaml``; a missing default file means the built-in LocalCluster defaults."""
+    """Read a cluster file. ``None`` means ``./cluster.yaml`` when there is one, else the built-in LocalCluster
+    defaults (docs/contract.md, "Cluster files")."""
     if path is None:
-        return ClusterConfig()
+        if not Path(DEFAULT_CLUSTER_FILE).is_file():
+            return ClusterConfig()
+        path = DEFAULT_CLUSTER_FILE
     c = _Checker(path, read_yaml_mapping(path))
     c.reject_unknown({"scheduler", "connect_timeout", "local", "tls"})
     scheduler = c.str("scheduler")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -76,24 +77,30 @@ class ChainState:
     n_steps: int
 
 
-# What a derived seed is for: one stream per purpose, so that no two random choices share a seed.
-SAMPLE, KMEANS_PP, CHUNK_ORDER, REASSIGN = range(4)
+class Purpose(IntEnum):
+    """What a derived seed is for: one stream per purpose, so that no two random choices share a seed. The values
+    are part of every seed: changing them changes every result."""
+
+    SAMPLE = 0
+    KMEANS_PP = 1
+    CHUNK_ORDER = 2
+    REASSIGN = 3
 
 
-def derive_seed(seed: int, purpose: int, *parts: int) -> int:
+def derive_seed(seed: int, purpose: Purpose, *parts: int) -> int:
     """A 32-bit seed that depends on the job seed, the purpose and every part (K, restart, epoch, chunk)."""
-    return int(np.random.SeedSequence([seed, purpose, *(int(p) for p in parts)]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, int(purpose), *(int(p) for p in parts)]).generate_state(1)[0])
 
 
 def chunk_order(n_chunks: int, seed: int, k: int, restart: int, epoch: int) -> list[int]:
     """The seeded order in which a chain visits the training chunks in one epoch."""
-    return [int(i) for i in np.random.RandomState(derive_seed(seed, CHUNK_ORDER, k, restart, epoch)).permutation(n_chunks)]
+    return [int(i) for i in np.random.RandomState(derive_seed(seed, Purpose.CHUNK_ORDER, k, restart, epoch)).permutation(n_chunks)]
 
 
 def sample_rows(n_train: int, n_rows: int, seed: int) -> np.ndarray:
     """Row indices of the k-means++ sample, drawn without replacement from the whole training split, in a seeded
     random order (so that any prefix of the sample is itself a random sample)."""
-    return np.random.RandomState(derive_seed(seed, SAMPLE)).choice(n_train, size=n_rows, replace=False)
+    return np.random.RandomState(derive_seed(seed, Purpose.SAMPLE)).choice(n_train, size=n_rows, replace=False)
 
 
 def draw_sample(info: StoreInfo, n_rows: int, seed: int) -> np.ndarray:
@@ -119,7 +126,7 @@ def init_chain(sample: np.ndarray, k: int, restart: int, params: FitParams) -> C
     # float64: scikit-learn's k-means++ upcasts float32 distances block by block, which is 2x slower on MNIST.
     # The sample is finite and the arguments checked: skipping the per-call checks of its K steps saves 15%.
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        seed = derive_seed(params.seed, KMEANS_PP, k, restart)
+        seed = derive_seed(params.seed, Purpose.KMEANS_PP, k, restart)
         centers, _ = kmeans_plusplus(rows.astype(np.float64), k, random_state=seed)
     return ChainState(
         k=k,
@@ -205,7 +212,7 @@ def fit_chunk(state: ChainState, info: StoreInfo, params: FitParams) -> ChainSta
     n_chunks = info.n_chunks("train")
     chunk = next_chunk(state, n_chunks, params.seed)
     x, _ = load_chunk(info, "train", chunk)
-    rng = np.random.RandomState(derive_seed(params.seed, REASSIGN, state.k, state.restart, state.epoch, chunk))
+    rng = np.random.RandomState(derive_seed(params.seed, Purpose.REASSIGN, state.k, state.restart, state.epoch, chunk))
     model = restore_model(state, params, rng)
     # The rows come from a uint8 store (always finite) and the parameters were validated with the job file:
     # skipping scikit-learn's per-call checks cuts the fixed cost of each small partial_fit by a quarter.

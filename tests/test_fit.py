@@ -27,7 +27,7 @@ from mnist_kmeans.evaluate import (
     lloyd_update,
 )
 from mnist_kmeans.fit import (
-    REASSIGN,
+    Purpose,
     ChainState,
     FitParams,
     batches,
@@ -194,7 +194,7 @@ def test_fit_chunk_fits_the_chunk_its_state_names(store_info) -> None:
     order = chunk_order(n, params.seed, 5, 1, 0)
     assert len(set(order)) == n and next_chunk(state, n, params.seed) == order[2]
     x, _ = load_chunk(store_info, "train", order[2])
-    model = restore_model(state, params, np.random.RandomState(derive_seed(params.seed, REASSIGN, 5, 1, 0, order[2])))
+    model = restore_model(state, params, np.random.RandomState(derive_seed(params.seed, Purpose.REASSIGN, 5, 1, 0, order[2])))
     for rows in batches(len(x), params.batch_size):
         model.partial_fit(x[rows])
     assert np.array_equal(fit_chunk(state, store_info, params).centers, model.cluster_centers_)
