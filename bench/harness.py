@@ -43,7 +43,7 @@ def load_split(url: str, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def seed_loop(xtr, ytr, xte, yte, k_grid, n_classes) -> dict:
-    """The seed notebook's loop with today's scikit-learn defaults (shared/bench/seed_baseline.py)."""
+    """The seed notebook's loop (docs/seed-notebook.md) with today's scikit-learn defaults and ``random_state=0``."""
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.metrics import homogeneity_score
 
@@ -69,7 +69,10 @@ def project_job(client, job, info) -> dict:
         t0 = time.perf_counter()
         _, rows, _, _ = fit_and_evaluate(client, job, info, ckpt)
         seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "per_k": {r["k"]: {key: r[key] for key in ("inertia", "accuracy_train", "accuracy_test")} for r in rows}}
+    return {
+        "seconds": seconds,
+        "per_k": {r["k"]: {key: r[key] for key in ("inertia", "accuracy_train", "accuracy_test")} for r in rows},
+    }
 
 
 def job_flops(job, info) -> float:
@@ -112,7 +115,10 @@ def cold_run(job_file: str, store: str) -> float:
         t = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "mnist_kmeans", "run", job_file, "--store", store, "--out", f"{tmp}/run"],
-            cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=REPO,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         return time.perf_counter() - t
 
@@ -131,14 +137,21 @@ def main() -> None:
     info, _ = ensure_store(job.store, log=lambda m: print(m, file=sys.stderr))
     xtr, ytr = load_split(info.url, "train", info.n_train)
     xte, yte = load_split(info.url, "test", info.n_test)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}"
+    )
     peak1, peak_all = gemm_peak(1), gemm_peak(None)
     print(f"float32 GEMM peak: {peak1:.1f} GFLOP/s on 1 thread, {peak_all:.1f} GFLOP/s on all cores")
 
     from distributed import Client, LocalCluster
 
     runs: dict[str, list[dict]] = {"loop": [], "job": [], "cold": []}
-    with LocalCluster(n_workers=2, threads_per_worker=1, silence_logs=logging.ERROR, dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, silence_logs=logging.ERROR, dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         project_job(client, job, info)  # warm-up: imports and chunk caches on the workers, as on a warm cluster
         for rep in range(args.reps):
             runs["loop"].append(seed_loop(xtr, ytr, xte, yte, job.k_grid, info.n_classes))
@@ -152,19 +165,31 @@ def main() -> None:
     med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if rs}
     flops = job_flops(job, info)
     print()
-    print(f"fit+evaluate, median of {args.reps}: loop {med['loop']:.2f} s, job {med['job']:.2f} s, ratio job/loop {med['job'] / med['loop']:.2f}")
+    print(
+        f"fit+evaluate, median of {args.reps}: loop {med['loop']:.2f} s, job {med['job']:.2f} s, ratio job/loop {med['job'] / med['loop']:.2f}"
+    )
     if "cold" in med:
-        print(f"cold `mnist-kmeans run` (process start to report written): {med['cold']:.2f} s, ratio cold/loop {med['cold'] / med['loop']:.2f}")
-    print(f"job: {flops / 1e9:.1f} GFLOP of distance products, {flops / 1e9 / med['job']:.1f} GFLOP/s effective "
-          f"({100 * flops / 1e9 / med['job'] / peak_all:.0f}% of the all-core GEMM peak)")
+        print(
+            f"cold `mnist-kmeans run` (process start to report written): {med['cold']:.2f} s, ratio cold/loop {med['cold'] / med['loop']:.2f}"
+        )
+    print(
+        f"job: {flops / 1e9:.1f} GFLOP of distance products, {flops / 1e9 / med['job']:.1f} GFLOP/s effective "
+        f"({100 * flops / 1e9 / med['job'] / peak_all:.0f}% of the all-core GEMM peak)"
+    )
     print()
     print("   K  inertia loop   inertia job   job/loop   test acc loop  test acc job")
     last_loop, last_job = runs["loop"][-1]["per_k"], runs["job"][-1]["per_k"]
     for k in job.k_grid:
         a, b = last_loop[k], last_job[k]
-        print(f"{k:4d}  {a['inertia']:12,.0f}  {b['inertia']:12,.0f}   {b['inertia'] / a['inertia']:8.4f}   {a['accuracy_test']:13.4f}  {b['accuracy_test']:12.4f}")
+        print(
+            f"{k:4d}  {a['inertia']:12,.0f}  {b['inertia']:12,.0f}   {b['inertia'] / a['inertia']:8.4f}   {a['accuracy_test']:13.4f}  {b['accuracy_test']:12.4f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "median_s": med, "gemm_peak": [peak1, peak_all], "flops": flops}, indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {"runs": runs, "median_s": med, "gemm_peak": [peak1, peak_all], "flops": flops}, indent=1, default=str
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def rss_bytes(pid: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("store")
-    ap.add_argument("--limit-gb", type=float, default=None, help="memory limit of the loop (default: the machine's RAM)")
+    ap.add_argument(
+        "--limit-gb", type=float, default=None, help="memory limit of the loop (default: the machine's RAM)"
+    )
     ap.add_argument("--k-grid", default="10,16,36,64,144,256")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -94,7 +96,10 @@ def main() -> None:
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, __file__, args.store, "--k-grid", args.k_grid, "--child"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=enter_group,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=enter_group,
     )
     peak = 0
     while proc.poll() is None:
@@ -107,16 +112,21 @@ def main() -> None:
             if line.startswith("oom_kill "):
                 oom_kills = int(line.split()[1])
         group.rmdir()
-    print(json.dumps({
-        "store": args.store,
-        "limit_gb": round(limit / 2**30, 2),
-        "cgroup": str(group) if group else None,
-        "exit": proc.returncode,
-        "oom_kills": oom_kills,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "peak_rss_gb": round(peak / 2**30, 2),
-        "output": output[-6:],
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "store": args.store,
+                "limit_gb": round(limit / 2**30, 2),
+                "cgroup": str(group) if group else None,
+                "exit": proc.returncode,
+                "oom_kills": oom_kills,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "peak_rss_gb": round(peak / 2**30, 2),
+                "output": output[-6:],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -92,7 +92,10 @@ def main() -> None:
     for store in args.stores:
         r = measure(store)
         rows.append(r)
-        print(f"{r['rows']:>10,}  {r['wall_s']:7.1f}   {r['s_per_million_rows_per_k_epoch']:25.3f}   {r['peak_rss_gb']:.2f} GB", flush=True)
+        print(
+            f"{r['rows']:>10,}  {r['wall_s']:7.1f}   {r['s_per_million_rows_per_k_epoch']:25.3f}   {r['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

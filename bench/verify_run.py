@@ -64,7 +64,9 @@ def main() -> int:
         c = np.asarray(group[f"final/k{k}"][...], dtype=np.float64)
         lab, dist = assign64(xtr, c)
         lab_te, _ = assign64(xte, c)
-        mapping = [int(np.bincount(ytr[lab == i], minlength=10).argmax()) if (lab == i).any() else None for i in range(k)]
+        mapping = [
+            int(np.bincount(ytr[lab == i], minlength=10).argmax()) if (lab == i).any() else None for i in range(k)
+        ]
         lookup = np.array([-1 if m is None else m for m in mapping])
         mine = {
             "homogeneity": skm.homogeneity_score(ytr, lab),

@@ -2,8 +2,8 @@
 
 Layout (Zarr v3; only the client process writes it)::
 
-    final/k{K}                    float32 (K, H*W)          the chosen model of each K (SPEC)
-    epochs/k{K}                   float32 (epochs, K, H*W)  its centroids after each epoch (SPEC)
+    final/k{K}                    float32 (K, H*W)          the chosen model of each K (docs/contract.md)
+    epochs/k{K}                   float32 (epochs, K, H*W)  its centroids after each epoch (docs/contract.md)
     chains/k{K}/r{R}/centers      float32 (epochs, K, H*W)  the chosen restart R of K after each epoch ...
     chains/k{K}/r{R}/counts       float32 (epochs, K)       ... with the rest of its MiniBatchKMeans state
     chains/k{K}/r{R}/lloyd        float32 (lloyd_steps, K, H*W)  centers after each full-batch Lloyd step
@@ -215,7 +215,8 @@ class Checkpoint:
     # --- results ----------------------------------------------------------------------------------------
 
     def save_result(self, k: int, final: np.ndarray, epochs: np.ndarray) -> None:
-        """SPEC's arrays for the chosen model of K: ``final/k{K}`` and ``epochs/k{K}``."""
+        """The result arrays of the chosen model of K: ``final/k{K}`` and ``epochs/k{K}`` (docs/contract.md,
+        "Run directory")."""
         with _writing(self.path):
             for name, data in ((f"final/k{k}", final), (f"epochs/k{k}", epochs)):
                 self.group.create_array(name, data=np.asarray(data, dtype=np.float32), overwrite=True)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from mnist_kmeans.config import DEFAULT_SOURCE, DEFAULT_STORE
-from mnist_kmeans.errors import ClusterError, UserError
+from mnist_kmeans.errors import ClusterError, UserError, one_line, to_stderr
 
 EXIT_OK, EXIT_USER, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ing = sub.add_parser("ingest", help="IDX files -> chunked Zarr store")
-    ing.add_argument("--source", default=DEFAULT_SOURCE, help=f"directory or http(s) base URL (default {DEFAULT_SOURCE})")
+    ing.add_argument(
+        "--source", default=DEFAULT_SOURCE, help=f"directory or http(s) base URL (default {DEFAULT_SOURCE})"
+    )
     ing.add_argument("--store", default=DEFAULT_STORE, help=f"store path or URL (default {DEFAULT_STORE})")
     ing.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default 10000)")
     ing.add_argument("--force", action="store_true", help="rebuild a complete store")
@@ -55,7 +57,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ingest":
         from mnist_kmeans.data.ingest import ingest
 
-        ingest(args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=_err)
+        ingest(args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=to_stderr)
     elif args.command == "run":
         from mnist_kmeans.config import load_cluster, load_job
 
@@ -76,7 +78,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         print(report)
     elif args.command == "report":
-        from mnist_kmeans.report.html import render_report
+        from mnist_kmeans.report import render_report
 
         print(render_report(args.run_dir))
     elif args.command == "augment":
@@ -86,25 +88,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return _dispatch(args)
     except UserError as exc:
-        _err(f"error: {_one_line(exc)}")
+        to_stderr(f"error: {one_line(exc)}")
         return EXIT_USER
     except ClusterError as exc:
-        _err(f"cluster error: {_one_line(exc)}")
+        to_stderr(f"cluster error: {one_line(exc)}")
         return EXIT_CLUSTER
     except KeyboardInterrupt as exc:
         # `run` says how to resume in the exception; ingest and augment leave no partial store behind
-        _err(_one_line(exc) or "interrupted")
+        to_stderr(one_line(exc) or "interrupted")
         return EXIT_INTERRUPTED
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

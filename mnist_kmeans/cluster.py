@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from distributed import Client, LocalCluster
 from distributed.security import Security
@@ -104,29 +104,54 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
     """
     address = scheduler or cfg.scheduler
     if address is None:
-        local = cfg.local
-        if not local.processes:
-            # Worker threads in this process: one BLAS thread each, as the nanny gives every worker process. Several
-            # would also split a product differently from call to call, and round it differently: results that
-            # must not change would change in their last bits.
-            from threadpoolctl import threadpool_limits
+        yield from _embedded(cfg.local)
+    else:
+        yield from _remote(cfg, address)
 
-            blas = threadpool_limits(limits=1)
-            try:
-                yield from _local(local)
-            finally:
-                blas.restore_original_limits()
-        else:
-            yield from _local(local)
+
+def _embedded(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
+    """The embedded cluster (see :func:`connect`); worker threads in this process get one BLAS thread each."""
+    if local.processes:
+        yield from _local(local)
         return
+    # One BLAS thread per worker thread, as the nanny gives every worker process. Several would also split a
+    # product differently from call to call, and round it differently: results that must not change would change
+    # in their last bits.
+    from threadpoolctl import threadpool_limits
 
+    blas = threadpool_limits(limits=1)
+    try:
+        yield from _local(local)
+    finally:
+        blas.restore_original_limits()
+
+
+def _remote(cfg: ClusterConfig, address: str) -> Iterator[tuple[Client, ClusterInfo]]:
+    """A client of the running scheduler at ``address``, once it has a worker (see :func:`connect`)."""
+    client = _join(cfg, address)
+    with _quiet_client_logs():
+        try:
+            try:
+                client.wait_for_workers(1, timeout=cfg.connect_timeout)
+            except Exception:
+                raise ClusterError(f"{address}: the scheduler has no worker after {cfg.connect_timeout:g} s") from None
+            yield client, describe(client, embedded=False)
+        finally:
+            try:
+                client.close(timeout=cfg.connect_timeout)
+            except Exception:  # a client whose scheduler is gone may fail to close cleanly: nothing is left to release
+                pass
+
+
+def _join(cfg: ClusterConfig, address: str) -> Client:
+    """A client connected to ``address``; refusals and timeouts are a one-line ClusterError."""
     if address.startswith("tls://") and cfg.tls is None:
         raise ClusterError(
             f"{address}: refused: a tls:// scheduler admits only clients with a certificate it trusts; "
             "set tls (ca_file, cert, key) in the cluster file"
         )
     try:
-        client = Client(address, timeout=cfg.connect_timeout, security=security_of(cfg))
+        return Client(address, timeout=cfg.connect_timeout, security=security_of(cfg))
     except Exception as exc:  # OSError, TimeoutError, a TLS handshake refused, a malformed address ...
         reason = one_line(exc, with_type=True)
         if "SSL" in reason or "certificate" in reason.lower():
@@ -134,23 +159,19 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
                 f"{address}: TLS handshake refused ({reason}); check tls ca_file, cert and key in the cluster file"
             ) from None
         raise ClusterError(f"{address}: scheduler not reachable within {cfg.connect_timeout:g} s ({reason})") from None
-    # The client's share of distributed's logging goes to our stderr: keep it to errors (no INFO records with
-    # tracebacks when a comm closes), and drop the reconnect error that `run` reports itself, with how to resume.
+
+
+@contextmanager
+def _quiet_client_logs() -> Iterator[None]:
+    """The client's share of distributed's logging goes to our stderr: keep it to errors (no INFO records with
+    tracebacks when a comm closes), and drop the reconnect error that ``run`` reports itself, with how to resume."""
     dist_log, quiet = logging.getLogger("distributed"), _DropReconnectNoise()
     client_log, level = logging.getLogger("distributed.client"), dist_log.level
     dist_log.setLevel(max(level, logging.ERROR))
     client_log.addFilter(quiet)
     try:
-        try:
-            client.wait_for_workers(1, timeout=cfg.connect_timeout)
-        except Exception:
-            raise ClusterError(f"{address}: the scheduler has no worker after {cfg.connect_timeout:g} s") from None
-        yield client, describe(client, embedded=False)
+        yield
     finally:
-        try:
-            client.close(timeout=cfg.connect_timeout)
-        except Exception:  # a client whose scheduler is gone may fail to close cleanly: nothing is left to release
-            pass
         client_log.removeFilter(quiet)
         dist_log.setLevel(level)
 
@@ -171,11 +192,7 @@ def _local(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
             # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
             # assumed). Threads (processes: false) talk in-process and take no host.
             host="127.0.0.1" if local.processes else None,
-            n_workers=local.n_workers,
-            threads_per_worker=local.threads_per_worker,
-            memory_limit=local.memory_limit,
-            dashboard_address=local.dashboard_address,
-            processes=local.processes,
+            **asdict(local),  # n_workers, threads_per_worker, memory_limit, dashboard_address, processes
             # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
             # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
             silence_logs=logging.CRITICAL,

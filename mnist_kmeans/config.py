@@ -135,7 +135,9 @@ class _Checker:
             raise self.fail(key, "missing (required)")
         return self.data[key]
 
-    def int(self, key: str, default: int | None = None, minimum: int | None = None, maximum: int | None = None) -> int:
+    def integer(
+        self, key: str, default: int | None = None, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         value = self.data.get(key, default) if default is not None else self.require(key)
         return self.check_int(key, value, minimum, maximum)
 
@@ -148,7 +150,7 @@ class _Checker:
             raise self.fail(key, f"must be <= {maximum}, got {value}")
         return value
 
-    def str(self, key: str, default: str | None = None) -> str | None:
+    def text(self, key: str, default: str | None = None) -> str | None:
         value = self.data.get(key, default)
         if value is None:
             return None
@@ -164,7 +166,9 @@ class _Checker:
             raise self.fail(key, f"must be a mapping, got {type(value).__name__}")
         return _Checker(self.path, value, f"{self.prefix}{key}.")
 
-    def int_list(self, key: str, default: list[int] | None = None, minimum: int | None = None, maximum: int | None = None) -> tuple[int, ...]:
+    def int_list(
+        self, key: str, default: list[int] | None = None, minimum: int | None = None, maximum: int | None = None
+    ) -> tuple[int, ...]:
         value = self.data.get(key, default) if default is not None else self.require(key)
         if not isinstance(value, list) or not value:
             raise self.fail(key, f"must be a non-empty list of integers, got {value!r}")
@@ -184,17 +188,17 @@ MAX_ROWS = 10**12
 
 def load_job(path: str | Path) -> JobConfig:
     """Read and validate a job file. Checks that need the data (K <= n_train) happen when the store is open."""
-    c = _Checker(path, read_yaml_mapping(path))
-    c.reject_unknown(
+    checker = _Checker(path, read_yaml_mapping(path))
+    checker.reject_unknown(
         {"name", "store", "k_grid", "epochs", "batch_size", "n_init", "lloyd_steps", "screen_rows", "seed", "report"}
     )
-    name = c.str("name") or ""
+    name = checker.text("name") or ""
     if not name:
-        raise c.fail("name", "missing (required)")
+        raise checker.fail("name", "missing (required)")
     if len(name) > 200:
-        raise c.fail("name", "longer than 200 characters")
-    k_grid = tuple(sorted(c.int_list("k_grid", minimum=2, maximum=MAX_K)))
-    report = c.mapping("report")
+        raise checker.fail("name", "longer than 200 characters")
+    k_grid = tuple(sorted(checker.int_list("k_grid", minimum=2, maximum=MAX_K)))
+    report = checker.mapping("report")
     report.reject_unknown({"centroid_grids"})
     default_grids = [k for k in JobConfig.centroid_grids if k in k_grid] or [k_grid[0]]
     grids = report.int_list("centroid_grids", default=default_grids, minimum=2, maximum=MAX_K)
@@ -204,13 +208,17 @@ def load_job(path: str | Path) -> JobConfig:
     return JobConfig(
         name=name,
         k_grid=k_grid,
-        store=c.str("store") or DEFAULT_STORE,  # `store:` left empty means the default, not a store named None
-        epochs=c.int("epochs", JobConfig.epochs, minimum=1, maximum=MAX_EPOCHS),
-        batch_size=c.int("batch_size", JobConfig.batch_size, minimum=1, maximum=MAX_BATCH),
-        n_init="auto" if c.data.get("n_init", "auto") == "auto" else c.int("n_init", 1, minimum=1, maximum=MAX_N_INIT),
-        lloyd_steps=c.int("lloyd_steps", JobConfig.lloyd_steps, minimum=0, maximum=MAX_EPOCHS),
-        screen_rows=c.int("screen_rows", JobConfig.screen_rows, minimum=1, maximum=MAX_ROWS),
-        seed=c.int("seed", JobConfig.seed, minimum=0, maximum=2**32 - 1),
+        store=checker.text("store") or DEFAULT_STORE,  # `store:` left empty means the default, not a store named None
+        epochs=checker.integer("epochs", JobConfig.epochs, minimum=1, maximum=MAX_EPOCHS),
+        batch_size=checker.integer("batch_size", JobConfig.batch_size, minimum=1, maximum=MAX_BATCH),
+        n_init=(
+            "auto"
+            if checker.data.get("n_init", "auto") == "auto"
+            else checker.integer("n_init", 1, minimum=1, maximum=MAX_N_INIT)
+        ),
+        lloyd_steps=checker.integer("lloyd_steps", JobConfig.lloyd_steps, minimum=0, maximum=MAX_EPOCHS),
+        screen_rows=checker.integer("screen_rows", JobConfig.screen_rows, minimum=1, maximum=MAX_ROWS),
+        seed=checker.integer("seed", JobConfig.seed, minimum=0, maximum=2**32 - 1),
         centroid_grids=grids,
     )
 
@@ -230,50 +238,61 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
         if not Path(DEFAULT_CLUSTER_FILE).is_file():
             return ClusterConfig()
         path = DEFAULT_CLUSTER_FILE
-    c = _Checker(path, read_yaml_mapping(path))
-    c.reject_unknown({"scheduler", "connect_timeout", "local", "tls"})
-    scheduler = c.str("scheduler")
+    checker = _Checker(path, read_yaml_mapping(path))
+    checker.reject_unknown({"scheduler", "connect_timeout", "local", "tls"})
+    scheduler = checker.text("scheduler")
     if scheduler is not None and "://" not in scheduler:
-        raise c.fail("scheduler", f"must be an address such as tcp://HOST:8786, got {scheduler!r}")
-    timeout = c.data.get("connect_timeout", ClusterConfig.connect_timeout)
+        raise checker.fail("scheduler", f"must be an address such as tcp://HOST:8786, got {scheduler!r}")
+    timeout = checker.data.get("connect_timeout", ClusterConfig.connect_timeout)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise c.fail("connect_timeout", f"must be a positive number of seconds, got {timeout!r}")
-    lc = c.mapping("local")
-    lc.reject_unknown({f.name for f in dataclasses.fields(LocalClusterConfig)})
-    d = LocalClusterConfig()
-    processes = lc.data.get("processes", d.processes)
+        raise checker.fail("connect_timeout", f"must be a positive number of seconds, got {timeout!r}")
+    local = _local_section(checker.mapping("local"))
+    tls = _tls_section(checker.mapping("tls"), Path(path).parent) if checker.data.get("tls") is not None else None
+    return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls)
+
+
+def _local_section(section: _Checker) -> LocalClusterConfig:
+    """The ``local:`` section: arguments of the embedded LocalCluster, each defaulting to LocalClusterConfig's."""
+    section.reject_unknown({f.name for f in dataclasses.fields(LocalClusterConfig)})
+    defaults = LocalClusterConfig()
+    processes = section.data.get("processes", defaults.processes)
     if not isinstance(processes, bool):
-        raise lc.fail("processes", f"must be true or false, got {processes!r}")
-    memory_limit = lc.data.get("memory_limit", d.memory_limit)
+        raise section.fail("processes", f"must be true or false, got {processes!r}")
+    memory_limit = _memory_limit(section, defaults.memory_limit)
+    return LocalClusterConfig(
+        n_workers=section.integer("n_workers", defaults.n_workers, minimum=1, maximum=1024),
+        threads_per_worker=section.integer("threads_per_worker", defaults.threads_per_worker, minimum=1, maximum=1024),
+        memory_limit=memory_limit,
+        dashboard_address=section.text("dashboard_address", defaults.dashboard_address),
+        processes=processes,
+    )
+
+
+def _memory_limit(section: _Checker, default: str) -> str:
+    """``local.memory_limit``: bytes, or a size dask parses (``4GiB``), kept as the text given."""
+    memory_limit = section.data.get("memory_limit", default)
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, (str, int)):
-        raise lc.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}")
+        raise section.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}")
     if isinstance(memory_limit, str):
         from dask.utils import parse_bytes
 
         try:
             parse_bytes(memory_limit)
         except (ValueError, TypeError):
-            raise lc.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}") from None
-    local = LocalClusterConfig(
-        n_workers=lc.int("n_workers", d.n_workers, minimum=1, maximum=1024),
-        threads_per_worker=lc.int("threads_per_worker", d.threads_per_worker, minimum=1, maximum=1024),
-        memory_limit=str(memory_limit),
-        dashboard_address=lc.str("dashboard_address", d.dashboard_address),
-        processes=processes,
-    )
-    tls = None
-    if c.data.get("tls") is not None:
-        t = c.mapping("tls")
-        t.reject_unknown({"ca_file", "cert", "key"})
-        base = Path(path).parent
-        files = {}
-        for key in ("ca_file", "cert", "key"):
-            value = t.str(key)
-            if value is None:
-                raise t.fail(key, "missing (required when tls is set)")
-            resolved = Path(value) if Path(value).is_absolute() else base / value
-            if not resolved.is_file():
-                raise t.fail(key, f"file not found: {resolved}")
-            files[key] = str(resolved)
-        tls = TLSConfig(**files)
-    return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls)
+            raise section.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}") from None
+    return str(memory_limit)
+
+
+def _tls_section(section: _Checker, base: Path) -> TLSConfig:
+    """The ``tls:`` section: three files that must exist, relative paths taken from the cluster file's directory."""
+    section.reject_unknown({"ca_file", "cert", "key"})
+    files = {}
+    for key in ("ca_file", "cert", "key"):
+        value = section.text(key)
+        if value is None:
+            raise section.fail(key, "missing (required when tls is set)")
+        resolved = Path(value) if Path(value).is_absolute() else base / value
+        if not resolved.is_file():
+            raise section.fail(key, f"file not found: {resolved}")
+        files[key] = str(resolved)
+    return TLSConfig(**files)

@@ -178,14 +178,6 @@ def accuracy(contingency: np.ndarray, mapping: list[int | None]) -> float:
     return float(hits / total) if total else float("nan")
 
 
-def confusion(contingency: np.ndarray, mapping: list[int | None], n_classes: int) -> np.ndarray:
-    """Confusion matrix ``[true, predicted]``; the extra last column counts rows of unmapped clusters."""
-    out = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
-    for c, m in enumerate(mapping):
-        out[:, n_classes if m is None else m] += contingency[c]
-    return out
-
-
 def label_vectors(contingency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Label vectors (true, predicted cluster) with exactly this contingency table, rows in table order."""
     k, n_classes = contingency.shape

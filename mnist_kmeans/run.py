@@ -1,4 +1,14 @@
-"""One job end to end: run directory, store, cluster, fit and evaluation, results, report; and ``--resume``."""
+"""One job end to end: run directory, store, cluster, fit and evaluation, results, report; and ``--resume``.
+
+:func:`run_job` is a pipeline of short steps, each passing its result on:
+
+1. :func:`prepare` checks all that can be checked before a cluster starts (job file, cluster file, run directory,
+   store) and returns a :class:`JobRun`; nothing is written yet, so a run that never started leaves nothing behind;
+2. ``cluster.connect`` starts or joins the cluster;
+3. :func:`start_run_dir` writes a new run's ``job.yaml``, ``manifest.json`` and empty checkpoint (:class:`ClusterRun`);
+4. :func:`evaluate_run` fits and evaluates every K and picks the best (:class:`Results`);
+5. :func:`write_results` writes every result file; then the performance report and ``report.html``.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +18,31 @@ import json
 import os
 import platform
 import shlex
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import yaml
 
 from mnist_kmeans import __version__
 from mnist_kmeans.checkpoint import Checkpoint
-from mnist_kmeans.config import DEFAULT_SOURCE, JobConfig, load_cluster, load_job, with_overrides
+from mnist_kmeans.config import DEFAULT_SOURCE, ClusterConfig, JobConfig, load_cluster, load_job, with_overrides
 from mnist_kmeans.data.store import StoreInfo, is_remote, open_store, read_attrs, read_rows
-from mnist_kmeans.errors import ClusterError, UserError
+from mnist_kmeans.errors import ClusterError, Log, UserError, to_stderr
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
-from mnist_kmeans.schedule import KResult, FitPlan, Progress, run_chains
+from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains
+
+if TYPE_CHECKING:  # cluster.py imports distributed: at run time only once the job has been checked
+    from distributed import Client
+
+    from mnist_kmeans.cluster import ClusterInfo
 
 GALLERY_SIZE = 32
 
@@ -34,7 +51,112 @@ def utc_stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def ensure_store(url: str, log: Any) -> tuple[StoreInfo, float]:
+def _utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the steps' results ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """A job checked and ready to run (:func:`prepare`): what every later step reads."""
+
+    job_file: str
+    job: JobConfig  # with the command line's overrides
+    cluster: ClusterConfig
+    store_option: str | None  # ``--store`` as given: the resume command repeats it
+    argv: Sequence[str]  # the command line, recorded in the manifest and the performance report
+    run_dir: Path
+    resuming: bool
+    info: StoreInfo
+    ingest_s: float
+    checkpoint: Checkpoint | None  # the resumed run's; a new run's is created once the cluster answers
+    started: str  # UTC, ISO 8601
+    t_start: float  # ``time.perf_counter()`` when the job started, for ``total_s``
+
+    @property
+    def job_yaml(self) -> str:
+        """The job as resolved, as ``job.yaml`` holds it."""
+        return yaml.safe_dump(self.job.to_yaml_dict(), sort_keys=False)
+
+    def resume_command(self) -> str:
+        """The command line that continues this run (``--store`` too when it was given: a resume must use the same)."""
+        store = ["--store", self.store_option] if self.store_option else []
+        return shlex.join(["mnist-kmeans", "run", str(self.job_file), "--resume", str(self.run_dir), *store])
+
+
+@dataclass(frozen=True)
+class ClusterRun:
+    """A :class:`JobRun` on its connected cluster, its run directory started (:func:`start_run_dir`)."""
+
+    run: JobRun
+    client: Client
+    cluster_info: ClusterInfo
+    checkpoint: Checkpoint
+    manifest: dict[str, Any]  # of this start; a resume adds it to the saved one once the results are written
+    cluster_start_s: float
+
+
+class FitOutcome(NamedTuple):
+    """What :func:`fit_and_evaluate` found (a tuple: callers may unpack it)."""
+
+    best: dict[int, KResult]  # the chosen restart of each K
+    rows: list[dict]  # metrics.json's ``results``
+    label_maps: dict[str, list]  # label_maps.json
+    contingency: dict[str, dict]  # evaluation.json's per-K tables
+
+
+@dataclass(frozen=True)
+class Results:
+    """Everything the result files hold (:func:`evaluate_run`)."""
+
+    fit: FitOutcome
+    best_k: int
+    gallery: dict[str, np.ndarray]  # the best model's first misclassified test digits
+    timings: dict[str, float]  # metrics.json's; ``report_s`` and ``total_s`` are filled in last
+
+
+# --- before the cluster: prepare ---------------------------------------------------------------------------------
+
+
+def prepare(
+    job_file: str,
+    cluster_file: str | None,
+    store: str | None,
+    out: str | None,
+    resume: str | None,
+    argv: Sequence[str],
+    log: Log,
+    t_start: float,
+) -> JobRun:
+    """Read the job and cluster files, check the run directory, open (or ingest) the store. Writes nothing."""
+    job = with_overrides(load_job(job_file), store=store)
+    cluster = load_cluster(cluster_file)
+    run_dir, resuming = _prepare_run_dir(job, out, resume)
+    info, ingest_s = ensure_store(job.store, log)
+    check_job_against_data(job, job_file, info)
+    checkpoint = None
+    if resuming:
+        _check_same_store(run_dir, info)
+        checkpoint = Checkpoint.open(run_dir / "centroids.zarr")  # validated before any cluster starts
+    return JobRun(
+        job_file=job_file,
+        job=job,
+        cluster=cluster,
+        store_option=store,
+        argv=argv,
+        run_dir=run_dir,
+        resuming=resuming,
+        info=info,
+        ingest_s=ingest_s,
+        checkpoint=checkpoint,
+        started=_utc_now(),
+        t_start=t_start,
+    )
+
+
+def ensure_store(url: str, log: Log) -> tuple[StoreInfo, float]:
     """Open the job's store; a missing or unfinished local store is first ingested from ``data/mnist/``."""
     t0 = time.perf_counter()
     attrs = read_attrs(url)
@@ -57,66 +179,35 @@ def check_job_against_data(job: JobConfig, job_file: str, info: StoreInfo) -> No
             raise UserError(f"{job_file}: k_grid: K={k} is larger than the {info.n_train} training rows of {info.url}")
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    import dask
-    import distributed
-    import zarr
-
-    def version(dist: str) -> str:  # from the metadata: importing scikit-learn or dask-ml here would cost seconds
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return {
-        "python": platform.python_version(),
-        "mnist_kmeans": __version__,
-        "dask": dask.__version__,
-        "distributed": distributed.__version__,
-        "dask_ml": version("dask-ml"),
-        "scikit-learn": version("scikit-learn"),
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-    }
-
-
-def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None, info_url: str) -> tuple[Path, bool]:
-    """The run directory and whether it is a resume; refuses anything that would mix or overwrite runs.
-
-    Only checks: nothing is created until the cluster answers, so a run that never started leaves nothing behind.
-    """
+def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None) -> tuple[Path, bool]:
+    """The run directory and whether it is a resume; refuses anything that would mix or overwrite runs."""
     if resume:
-        run_dir = Path(resume)
-        saved = run_dir / "job.yaml"
-        if not saved.is_file() or not (run_dir / "centroids.zarr").is_dir():
-            raise UserError(f"{run_dir}: not a run directory to resume (no job.yaml or centroids.zarr)")
-        try:
-            before = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError:
-            raise UserError(f"{saved}: not valid YAML") from None
-        now = job.to_yaml_dict()
-        if not isinstance(before, dict):
-            raise UserError(f"{saved}: must hold a YAML mapping")
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) != now.get(key):
-                raise UserError(
-                    f"{saved}: the run was made with {key}={before.get(key)!r}, this job has {key}={now.get(key)!r}; "
-                    "resume with the same job and store, or start a new run"
-                )
-        return run_dir, True
+        return _run_dir_to_resume(job, Path(resume)), True
     run_dir = Path(out) if out else Path("runs") / f"{job.slug}-{utc_stamp()}"
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir} to continue it)")
     return run_dir, False
 
 
-def _make_run_dir(run_dir: Path) -> None:
+def _run_dir_to_resume(job: JobConfig, run_dir: Path) -> Path:
+    """``run_dir`` if it is a run directory of this very job (its saved ``job.yaml`` equal to ``job``)."""
+    saved = run_dir / "job.yaml"
+    if not saved.is_file() or not (run_dir / "centroids.zarr").is_dir():
+        raise UserError(f"{run_dir}: not a run directory to resume (no job.yaml or centroids.zarr)")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{run_dir}: cannot create run directory: {exc.strerror or exc}") from None
+        before = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        raise UserError(f"{saved}: not valid YAML") from None
+    now = job.to_yaml_dict()
+    if not isinstance(before, dict):
+        raise UserError(f"{saved}: must hold a YAML mapping")
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            raise UserError(
+                f"{saved}: the run was made with {key}={before.get(key)!r}, this job has {key}={now.get(key)!r}; "
+                "resume with the same job and store, or start a new run"
+            )
+    return run_dir
 
 
 def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
@@ -129,35 +220,139 @@ def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
         raise UserError(f"{manifest}: the run was made on another store than {info.url}; resume with the same store")
 
 
-def results_table(
-    best: dict[int, KResult], job: JobConfig, scores: dict[int, dict[str, float]]
-) -> tuple[list[dict], dict[str, list], dict]:
-    """metrics.json's ``results``, label_maps.json, and evaluation.json's per-K tables; ``scores``: the
-    :func:`~mnist_kmeans.evaluate.cluster_metrics` of each K."""
-    rows, maps, tables = [], {}, {}
-    for k, r in best.items():
-        mapping = label_map(r.train.contingency)
-        maps[str(k)] = mapping
-        tables[str(k)] = {"train": r.train.contingency.tolist(), "test": r.test.contingency.tolist()}
-        rows.append(
-            {
-                "k": k,
-                "inertia": r.train.inertia,
-                **scores[k],
-                "accuracy_train": accuracy(r.train.contingency, mapping),
-                "accuracy_test": accuracy(r.test.contingency, mapping),
-                "n_empty_clusters": int(sum(m is None for m in mapping)),
-                "epochs": job.epochs,
-                "lloyd_steps": job.lloyd_steps,
-                "n_init": job.restarts(k),
-                "restart": r.restart,
-                "restart_inertia": r.restart_inertia,
-                "inertia_test": r.test.inertia,
-                "inertia_per_epoch": r.trajectory,
-                "fit_seconds": round(r.fit_seconds, 3),
-            }
-        )
-    return rows, maps, tables
+# --- on the cluster: the run directory, fit and evaluation, results ----------------------------------------------
+
+
+def run_job(
+    job_file: str,
+    cluster_file: str | None = None,
+    scheduler: str | None = None,
+    store: str | None = None,
+    out: str | None = None,
+    resume: str | None = None,
+    argv: Sequence[str] = (),
+    log: Log | None = None,
+) -> Path:
+    """Run a job file end to end and return the path of its report."""
+    t_start = time.perf_counter()
+    run = prepare(job_file, cluster_file, store, out, resume, argv, log or to_stderr, t_start)
+    from mnist_kmeans.cluster import connect, wait_closed  # only now: a bad job file answers without importing dask
+
+    try:
+        t_connect = time.perf_counter()
+        with connect(run.cluster, scheduler) as (client, cluster_info):
+            cluster_start_s = time.perf_counter() - t_connect
+            print(f"dashboard: {cluster_info.dashboard}", flush=True)
+            session = start_run_dir(run, client, cluster_info, cluster_start_s)
+            final_timings, report = _results_and_reports(session)
+            return report.write(final_timings)
+    finally:
+        wait_closed()  # an embedded cluster may still be closing behind the report
+
+
+def start_run_dir(run: JobRun, client: Client, cluster_info: ClusterInfo, cluster_start_s: float) -> ClusterRun:
+    """Once the cluster answered: a new run's directory, ``job.yaml``, ``manifest.json`` and empty checkpoint."""
+    manifest = _manifest(run, cluster_info)
+    checkpoint = run.checkpoint
+    if not run.resuming:
+        _make_run_dir(run.run_dir)
+        write_atomic(run.run_dir / "job.yaml", run.job_yaml)
+        write_json(run.run_dir / "manifest.json", manifest)
+        checkpoint = Checkpoint.create(run.run_dir / "centroids.zarr", run.info.image_shape)
+    return ClusterRun(run, client, cluster_info, checkpoint, manifest, cluster_start_s)
+
+
+def _manifest(run: JobRun, cluster_info: ClusterInfo) -> dict[str, Any]:
+    info = run.info
+    return {
+        "started_utc": run.started,
+        "command": list(run.argv),
+        "job_file": str(run.job_file),
+        "versions": _versions(),
+        "platform": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+        "cluster": cluster_info.as_dict(),
+        "data": {
+            "store": info.url,
+            "source": info.source,
+            "md5": info.md5,
+            "ingest_id": info.ingest_id,
+            "n_train": info.n_train,
+            "n_test": info.n_test,
+            "chunk_rows": info.chunk_rows,
+        },
+        "resumed": run.resuming,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import distributed
+    import zarr
+
+    return {
+        "python": platform.python_version(),
+        "mnist_kmeans": __version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "dask_ml": _installed_version("dask-ml"),
+        "scikit-learn": _installed_version("scikit-learn"),
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+def _installed_version(dist: str) -> str:
+    """From the package metadata: importing scikit-learn or dask-ml here would cost seconds."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot create run directory: {exc.strerror or exc}") from None
+
+
+def _results_and_reports(session: ClusterRun) -> tuple[_FinalTimings, _Report]:
+    """Fit, evaluate and write the results, under a performance report; the figures are left drawing."""
+    run = session.run
+    t_fit = time.perf_counter()
+    with _one_line_errors(session):
+        # written under a temporary name and renamed: a cut-short run never leaves a truncated report
+        partial_report = run.run_dir / ".dask-performance.html.partial"
+        with _performance_report(str(partial_report), shlex.join(run.argv) + "\n\n" + run.job_yaml):
+            results = evaluate_run(session, t_fit)
+            metrics = write_results(session, results)
+            if run.resuming:
+                _record_resume(session)
+            t_report = time.perf_counter()
+            report = _Report(run.run_dir, session.client)  # figures drawn by the workers while this `with` ends
+        os.replace(partial_report, run.run_dir / "dask-performance.html")
+    return _FinalTimings(run.run_dir / "metrics.json", metrics, t_report, run.t_start), report
+
+
+def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
+    """Every K fitted and evaluated, the best K picked and its gallery found; ``t_fit``: when the fit started."""
+    run, client = session.run, session.client
+    fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint)
+    best_k = pick_best_k(fit.rows)
+    gallery = _gallery(client, run.info, fit.best[best_k], fit.label_maps[str(best_k)])
+    t_done = time.perf_counter()
+    fit_end = max(result.fit_seconds for result in fit.best.values()) + t_fit
+    timings = {
+        "cluster_start_s": round(session.cluster_start_s, 3),
+        "ingest_s": round(run.ingest_s, 3),
+        "fit_s": round(min(fit_end, t_done) - t_fit, 3),
+        "evaluate_s": round(max(t_done - fit_end, 0.0), 3),
+        "report_s": 0.0,
+        "total_s": 0.0,
+    }
+    return Results(fit, best_k, gallery, timings)
 
 
 def plan_of(job: JobConfig, info: StoreInfo) -> FitPlan:
@@ -170,16 +365,49 @@ def plan_of(job: JobConfig, info: StoreInfo) -> FitPlan:
     )
 
 
-def fit_and_evaluate(client: Any, job: JobConfig, info: StoreInfo, ckpt: Checkpoint, progress: Progress | None = None):
-    """The distributed part of a job: every K fitted and evaluated, its best restart chosen.
-
-    Returns the result per K, metrics.json's rows, the label maps and the contingency tables.
-    """
-    best = {r.k: r for r in run_chains(client, plan_of(job, info), ckpt, progress or Progress())}
+def fit_and_evaluate(
+    client: Client, job: JobConfig, info: StoreInfo, ckpt: Checkpoint, progress: Progress | None = None
+) -> FitOutcome:
+    """The distributed part of a job: every K fitted and evaluated, its best restart chosen."""
+    best = {result.k: result for result in run_chains(client, plan_of(job, info), ckpt, progress or Progress())}
     # on the cluster, where scikit-learn is imported already (this process never imports it)
-    futures = {k: client.submit(cluster_metrics, r.train.contingency, pure=False) for k, r in best.items()}
-    rows, maps, tables = results_table(best, job, {k: f.result() for k, f in futures.items()})
-    return best, rows, maps, tables
+    futures = {k: client.submit(cluster_metrics, result.train.contingency, pure=False) for k, result in best.items()}
+    rows, maps, tables = results_table(best, job, {k: future.result() for k, future in futures.items()})
+    return FitOutcome(best, rows, maps, tables)
+
+
+def results_table(
+    best: dict[int, KResult], job: JobConfig, scores: dict[int, dict[str, float]]
+) -> tuple[list[dict], dict[str, list], dict]:
+    """metrics.json's ``results``, label_maps.json, and evaluation.json's per-K tables; ``scores``: the
+    :func:`~mnist_kmeans.evaluate.cluster_metrics` of each K."""
+    rows, maps, tables = [], {}, {}
+    for k, result in best.items():
+        mapping = label_map(result.train.contingency)
+        maps[str(k)] = mapping
+        tables[str(k)] = {"train": result.train.contingency.tolist(), "test": result.test.contingency.tolist()}
+        rows.append(_result_row(result, job, scores[k], mapping))
+    return rows, maps, tables
+
+
+def _result_row(result: KResult, job: JobConfig, scores: dict[str, float], mapping: list[int | None]) -> dict:
+    """One K's row of metrics.json's ``results``."""
+    return {
+        "k": result.k,
+        "inertia": result.train.inertia,
+        **scores,
+        "accuracy_train": accuracy(result.train.contingency, mapping),
+        "accuracy_test": accuracy(result.test.contingency, mapping),
+        "n_empty_clusters": int(sum(m is None for m in mapping)),
+        "epochs": job.epochs,
+        "lloyd_steps": job.lloyd_steps,
+        "n_init": job.restarts(result.k),
+        "restart": result.restart,
+        "restart_inertia": result.restart_inertia,
+        "inertia_test": result.test.inertia,
+        "inertia_per_epoch": result.trajectory,
+        "fit_seconds": round(result.fit_seconds, 3),
+    }
 
 
 def pick_best_k(rows: list[dict]) -> int:
@@ -191,148 +419,47 @@ def pick_best_k(rows: list[dict]) -> int:
     return max(rows, key=lambda row: (row["ari"], -row["k"]))["k"]
 
 
-def run_job(
-    job_file: str,
-    cluster_file: str | None = None,
-    scheduler: str | None = None,
-    store: str | None = None,
-    out: str | None = None,
-    resume: str | None = None,
-    argv: Sequence[str] = (),
-    log: Any = None,
-) -> Path:
-    """Run a job file end to end and return the path of its report."""
-    try:
-        return _run_job(job_file, cluster_file, scheduler, store, out, resume, argv, log)
-    finally:
-        if "mnist_kmeans.cluster" in sys.modules:  # an embedded cluster may still be closing behind the report
-            sys.modules["mnist_kmeans.cluster"].wait_closed()
+def _gallery(client: Client, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
+    """The first misclassified test digits of the best model, found on the workers."""
+    futures = [
+        client.submit(misclassified_task, best.centers, mapping, info, chunk, GALLERY_SIZE, pure=False)
+        for chunk in range(info.n_chunks("test"))
+    ]
+    images, true, pred = [], [], []
+    for future in futures:
+        chunk_images, chunk_true, chunk_pred = future.result()
+        images.append(chunk_images)
+        true.append(chunk_true)
+        pred.append(chunk_pred)
+        if sum(len(labels) for labels in true) >= GALLERY_SIZE:
+            break
+    client.cancel(futures)
+    return {
+        "images": np.concatenate(images)[:GALLERY_SIZE],
+        "true": np.concatenate(true)[:GALLERY_SIZE],
+        "pred": np.concatenate(pred)[:GALLERY_SIZE],
+    }
 
 
-def _run_job(
-    job_file: str,
-    cluster_file: str | None,
-    scheduler: str | None,
-    store: str | None,
-    out: str | None,
-    resume: str | None,
-    argv: Sequence[str],
-    log: Any,
-) -> Path:
-    t_total = time.perf_counter()
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    job = with_overrides(load_job(job_file), store=store)
-    if cluster_file is None and Path("cluster.yaml").is_file():
-        cluster_file = "cluster.yaml"
-    cluster_cfg = load_cluster(cluster_file)
-    run_dir, resuming = _prepare_run_dir(job, out, resume, job.store)
-    info, ingest_s = ensure_store(job.store, log)
-    check_job_against_data(job, job_file, info)
-    if resuming:
-        _check_same_store(run_dir, info)
-        ckpt = Checkpoint.open(run_dir / "centroids.zarr")  # validated before any cluster starts
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-    from mnist_kmeans.cluster import connect
-
-    t_cluster = time.perf_counter()
-    with connect(cluster_cfg, scheduler) as (client, cinfo):
-        cluster_start_s = time.perf_counter() - t_cluster
-        print(f"dashboard: {cinfo.dashboard}", flush=True)
-        manifest = {
-            "started_utc": started,
-            "command": list(argv),
-            "job_file": str(job_file),
-            "versions": _versions(),
-            "platform": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
-            "cluster": cinfo.as_dict(),
-            "data": {
-                "store": info.url,
-                "source": info.source,
-                "md5": info.md5,
-                "ingest_id": info.ingest_id,
-                "n_train": info.n_train,
-                "n_test": info.n_test,
-                "chunk_rows": info.chunk_rows,
-            },
-            "resumed": resuming,
-        }
-        if not resuming:
-            _make_run_dir(run_dir)
-            write_atomic(run_dir / "job.yaml", yaml.safe_dump(job.to_yaml_dict(), sort_keys=False))
-            write_json(run_dir / "manifest.json", manifest)
-            ckpt = Checkpoint.create(run_dir / "centroids.zarr", info.image_shape)
-        t_fit = time.perf_counter()
-        try:
-            # written under a temporary name and renamed: a cut-short run never leaves a truncated report
-            partial_report = run_dir / ".dask-performance.html.partial"
-            code = shlex.join(argv) + "\n\n" + yaml.safe_dump(job.to_yaml_dict(), sort_keys=False)
-            with _performance_report(str(partial_report), code):
-                best, rows, maps, tables = fit_and_evaluate(client, job, info, ckpt)
-                best_k = pick_best_k(rows)
-                gallery = _gallery(client, info, best[best_k], maps[str(best_k)])
-                t_done = time.perf_counter()
-                fit_end = max(r.fit_seconds for r in best.values()) + t_fit
-                timings = {
-                    "cluster_start_s": round(cluster_start_s, 3),
-                    "ingest_s": round(ingest_s, 3),
-                    "fit_s": round(min(fit_end, t_done) - t_fit, 3),
-                    "evaluate_s": round(max(t_done - fit_end, 0.0), 3),
-                    "report_s": 0.0,
-                    "total_s": 0.0,
-                }
-                metrics = _write_results(run_dir, ckpt, job, info, cinfo, best, rows, maps, tables, best_k, gallery,
-                                         timings, started)
-                if resuming:
-                    manifest["resumed_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-                    previous = json.loads((run_dir / "manifest.json").read_text())
-                    write_json(run_dir / "manifest.json", {**previous, "resumed": manifest})
-                t_report = time.perf_counter()
-                report = _Report(run_dir, client)  # figures drawn by the workers while this `with` ends (perf. report)
-            os.replace(partial_report, run_dir / "dask-performance.html")
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(
-                f"interrupted: finished epochs are saved; continue with: {_resume_command(job_file, run_dir, store)}"
-            ) from None
-        except (UserError, ClusterError):
-            raise
-        except Exception as exc:
-            _raise_cluster_or_data_error(exc, run_dir, job_file, store=store, client=client)
-            raise
-
-        def final_timings() -> dict[str, float]:
-            """Called by the report just before its page is rendered: the rest (a few writes) takes milliseconds."""
-            metrics["timings"]["report_s"] = round(time.perf_counter() - t_report, 3)
-            metrics["timings"]["total_s"] = round(time.perf_counter() - t_total, 3)
-            write_json(run_dir / "metrics.json", metrics)
-            return metrics["timings"]
-
-        return report.write(final_timings)
-
-
-def _write_results(
-    run_dir: Path,
-    ckpt: Checkpoint,
-    job: JobConfig,
-    info: StoreInfo,
-    cinfo: Any,
-    best: dict[int, KResult],
-    rows: list[dict],
-    maps: dict[str, list],
-    tables: dict,
-    best_k: int,
-    gallery: dict[str, np.ndarray],
-    timings: dict[str, float],
-    started: str,
-) -> dict[str, Any]:
+def write_results(session: ClusterRun, results: Results) -> dict[str, Any]:
     """Every file of the run directory but the two reports; returns metrics.json's content (written too)."""
-    for k, r in best.items():
-        ckpt.save_result(k, r.centers, ckpt.epoch_centers(k, r.restart))
-    _write_samples(run_dir, info, gallery, best_k)
-    write_json(run_dir / "label_maps.json", maps)
-    write_json(run_dir / "evaluation.json", {"n_classes": info.n_classes, "best_k": best_k, "contingency": tables})
-    metrics = {
-        "job": job.name,
+    run_dir, info, ckpt = session.run.run_dir, session.run.info, session.checkpoint
+    for k, result in results.fit.best.items():
+        ckpt.save_result(k, result.centers, ckpt.epoch_centers(k, result.restart))
+    _write_samples(run_dir, info, results.gallery, results.best_k)
+    write_json(run_dir / "label_maps.json", results.fit.label_maps)
+    evaluation = {"n_classes": info.n_classes, "best_k": results.best_k, "contingency": results.fit.contingency}
+    write_json(run_dir / "evaluation.json", evaluation)
+    metrics = _metrics(session, results)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _metrics(session: ClusterRun, results: Results) -> dict[str, Any]:
+    """metrics.json's content."""
+    info = session.run.info
+    return {
+        "job": session.run.job.name,
         "dataset": {
             "store": info.url,
             "n_train": info.n_train,
@@ -340,44 +467,54 @@ def _write_results(
             "n_classes": info.n_classes,
             "image_shape": list(info.image_shape),
         },
-        "results": rows,
-        "best_k": best_k,
+        "results": results.fit.rows,
+        "best_k": results.best_k,
         "inertia_per_epoch_note": (
             "exact training inertia after each of the epochs mini-batch epochs, then after each full-batch Lloyd step"
         ),
         "restart_inertia_note": (
             "exact training inertia of each restart after its first screen_rows rows; only the lowest (restart) went on"
         ),
-        "timings": timings,
-        "cluster": {k: v for k, v in cinfo.as_dict().items() if k != "embedded"},
-        "started_utc": started,
+        "timings": results.timings,
+        "cluster": {key: value for key, value in session.cluster_info.as_dict().items() if key != "embedded"},
+        "started_utc": session.run.started,
     }
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
 
 
-class _Report:
-    """report.html of a finished run. Its figures are drawn on the cluster's workers, idle by then, one task each,
-    while this process writes the performance report (each takes a second or two alone); here if that fails."""
+def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray], best_k: int) -> None:
+    """``samples.zarr``: the first nine training digits and the misclassified gallery, for the report."""
+    import zarr
 
-    def __init__(self, run_dir: Path, client: Any):
-        from mnist_kmeans.report.html import build_figures, load_run, load_seed_table
+    h, w = info.image_shape
+    images, labels = read_rows(info.url, "train", 0, min(9, info.n_train))  # nine rows: fine on the client
+    path = run_dir / "samples.zarr"
+    try:
+        group = zarr.create_group(store=str(path), zarr_format=3, overwrite=True)
+        group.create_array(
+            "train_first", data=images.reshape(-1, h, w), attributes={"labels": [int(v) for v in labels]}
+        )
+        group.create_array(
+            "misclassified",
+            data=gallery["images"].reshape(-1, h, w).astype(np.uint8),
+            attributes={
+                "true": [int(v) for v in gallery["true"]],
+                "pred": [int(v) for v in gallery["pred"]],
+                "k": best_k,
+            },
+        )
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
-        self.run, self.seed_table = load_run(run_dir), load_seed_table()
 
-        def submit(fn: Any, *args: Any, **kwargs: Any) -> Any:
-            return client.submit(fn, *args, pure=False, **kwargs)
+def _record_resume(session: ClusterRun) -> None:
+    """A resume keeps the first start's manifest and records its own under ``resumed``."""
+    manifest_file = session.run.run_dir / "manifest.json"
+    resumed = {**session.manifest, "resumed_utc": _utc_now()}
+    previous = json.loads(manifest_file.read_text())
+    write_json(manifest_file, {**previous, "resumed": resumed})
 
-        self.figs, self.notes = build_figures(self.run, self.seed_table, draw=submit)
 
-    def write(self, final_timings: Any) -> Path:
-        from mnist_kmeans.report.html import build_figures, write_report
-
-        try:
-            figs, notes = [dataclasses.replace(f, png=f.png.result()) for f in self.figs], self.notes
-        except Exception:  # a worker without matplotlib, a cluster gone: the figures do not need one
-            figs, notes = build_figures(self.run, self.seed_table)
-        return write_report(self.run, figs, notes, self.seed_table, final_timings)
+# --- the reports -------------------------------------------------------------------------------------------------
 
 
 def _performance_report(filename: str, code: str) -> Any:
@@ -392,84 +529,102 @@ def _performance_report(filename: str, code: str) -> Any:
     return Report(filename=filename, mode="inline")
 
 
-def _gallery(client: Any, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
-    """The first misclassified test digits of the best model, found on the workers."""
-    futures = [
-        client.submit(misclassified_task, best.centers, mapping, info, j, GALLERY_SIZE, pure=False)
-        for j in range(info.n_chunks("test"))
-    ]
-    images, true, pred = [], [], []
-    for fut in futures:
-        im, t, p = fut.result()
-        images.append(im), true.append(t), pred.append(p)
-        if sum(len(t) for t in true) >= GALLERY_SIZE:
-            break
-    client.cancel(futures)
-    return {
-        "images": np.concatenate(images)[:GALLERY_SIZE],
-        "true": np.concatenate(true)[:GALLERY_SIZE],
-        "pred": np.concatenate(pred)[:GALLERY_SIZE],
-    }
+class _Report:
+    """report.html of a finished run. Its figures are drawn on the cluster's workers, idle by then, one task each,
+    while this process writes the performance report (each takes a second or two alone); here if that fails."""
+
+    def __init__(self, run_dir: Path, client: Client):
+        from mnist_kmeans.reference import load_seed_table
+        from mnist_kmeans.report import build_figures, load_run
+
+        self.run, self.seed_table = load_run(run_dir), load_seed_table()
+        self.figs, self.notes = build_figures(self.run, self.seed_table, draw=partial(client.submit, pure=False))
+
+    def write(self, final_timings: _FinalTimings) -> Path:
+        from mnist_kmeans.report import build_figures, write_report
+
+        try:
+            figs, notes = [dataclasses.replace(f, png=f.png.result()) for f in self.figs], self.notes
+        except Exception:  # a worker without matplotlib, a cluster gone: the figures do not need one
+            figs, notes = build_figures(self.run, self.seed_table)
+        return write_report(self.run, figs, notes, self.seed_table, final_timings)
 
 
-def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray], best_k: int) -> None:
-    """``samples.zarr``: the first nine training digits and the misclassified gallery, for the report."""
-    import zarr
+@dataclass(frozen=True)
+class _FinalTimings:
+    """Called by the report just before its page is rendered: the report's time and the total, into metrics.json
+    (the rest, a few writes, takes milliseconds)."""
 
-    h, w = info.image_shape
-    images, labels = read_rows(info.url, "train", 0, min(9, info.n_train))  # nine rows: fine on the client
-    path = run_dir / "samples.zarr"
+    metrics_file: Path
+    metrics: dict[str, Any]
+    t_report: float  # ``time.perf_counter()`` when the report started
+    t_start: float
+
+    def __call__(self) -> dict[str, float]:
+        timings = self.metrics["timings"]
+        timings["report_s"] = round(time.perf_counter() - self.t_report, 3)
+        timings["total_s"] = round(time.perf_counter() - self.t_start, 3)
+        write_json(self.metrics_file, self.metrics)
+        return timings
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _one_line_errors(session: ClusterRun) -> Iterator[None]:
+    """An interrupt, a lost cluster or a full disk while the job runs becomes an error that says how to resume."""
+    run = session.run
     try:
-        group = zarr.create_group(store=str(path), zarr_format=3, overwrite=True)
-        group.create_array("train_first", data=images.reshape(-1, h, w), attributes={"labels": [int(v) for v in labels]})
-        group.create_array(
-            "misclassified",
-            data=gallery["images"].reshape(-1, h, w).astype(np.uint8),
-            attributes={"true": [int(v) for v in gallery["true"]], "pred": [int(v) for v in gallery["pred"]], "k": best_k},
-        )
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"interrupted: finished epochs are saved; continue with: {run.resume_command()}"
+        ) from None
+    except (UserError, ClusterError):
+        raise
+    except Exception as exc:
+        _raise_cluster_or_data_error(exc, run, session.client)
+        raise
 
 
-def _resume_command(job_file: str, run_dir: Path, store: str | None) -> str:
-    """The command line that continues this run (``--store`` too when it was given: a resume must use the same)."""
-
-    parts = ["mnist-kmeans", "run", str(job_file), "--resume", str(run_dir)] + (["--store", store] if store else [])
-    return shlex.join(parts)
-
-
-def _raise_cluster_or_data_error(
-    exc: Exception, run_dir: Path, job_file: str, store: str | None = None, client: Any = None
-) -> None:
+def _raise_cluster_or_data_error(exc: Exception, run: JobRun, client: Client | None = None) -> None:
     """Turn what a lost cluster raises into a ClusterError that says how to resume; leave other errors alone.
 
-    A cluster is lost when the client lost its scheduler (whatever the exception that surfaced first), or when a
-    task could not survive the workers that died under it (``KilledWorker``), or a comm failed. A file system error
-    of the run directory is not a lost cluster: the checkpoint and ``files.py`` already raise it as a UserError.
+    The cluster is lost as :func:`mnist_kmeans.cluster.lost_cluster` says. A file system error of the run
+    directory is not a lost cluster: the checkpoint and ``files.py`` already raise it as a UserError.
     """
-    import errno
+    from mnist_kmeans.cluster import lost_cluster
 
-    from distributed.client import FutureCancelledError
-    from distributed.comm.core import CommClosedError
-    from distributed.scheduler import KilledWorker
+    _raise_our_cause(exc)
+    if _is_write_error(exc, run.run_dir):
+        # e.g. dask-performance.html on a full disk; nothing written so far is passed off as complete
+        raise UserError(f"{exc.filename or run.run_dir}: cannot write: {exc.strerror or exc}") from None
+    lost = lost_cluster(exc, client)
+    if lost is not None:
+        raise ClusterError(
+            f"{lost}; finished epochs are saved in {run.run_dir}, continue on any cluster with: {run.resume_command()}"
+        ) from None
 
-    cause = exc.__context__  # e.g. the checkpoint's UserError, then dask-performance.html failing on the same disk
+
+def _raise_our_cause(exc: Exception) -> None:
+    """Raise the first of our own errors ``exc`` arose from, e.g. the checkpoint's UserError, then
+    dask-performance.html failing on the same disk."""
+    cause = exc.__context__
     while cause is not None:
         if isinstance(cause, (UserError, ClusterError)):
             raise cause from None
         cause = cause.__context__
+
+
+def _is_write_error(exc: Exception, run_dir: Path) -> bool:
+    """Whether ``exc`` failed a write: an OSError on a file of ``run_dir``, or of a full or read-only disk."""
+    import errno
+
+    from distributed.comm.core import CommClosedError
+
+    if not isinstance(exc, OSError) or isinstance(exc, CommClosedError):
+        return False
     disk_errnos = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
-    in_run_dir = isinstance(exc, OSError) and bool(exc.filename) and os.path.abspath(str(exc.filename)).startswith(
-        os.path.abspath(run_dir) + os.sep
-    )
-    if isinstance(exc, OSError) and not isinstance(exc, CommClosedError) and (in_run_dir or exc.errno in disk_errnos):
-        # e.g. dask-performance.html on a full disk; nothing written so far is passed off as complete
-        raise UserError(f"{exc.filename or run_dir}: cannot write: {exc.strerror or exc}") from None
-    lost_scheduler = client is not None and getattr(client, "status", "running") not in ("running", "connecting")
-    if lost_scheduler or isinstance(exc, (KilledWorker, FutureCancelledError, OSError, TimeoutError)):
-        what = "lost the scheduler" if lost_scheduler else "lost the cluster"
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise ClusterError(
-            f"{what} ({reason}); finished epochs are saved in {run_dir}, continue on any cluster with: "
-            f"{_resume_command(job_file, run_dir, store)}"
-        ) from None
+    in_run_dir = bool(exc.filename) and os.path.abspath(str(exc.filename)).startswith(os.path.abspath(run_dir) + os.sep)
+    return in_run_dir or exc.errno in disk_errnos

@@ -23,14 +23,18 @@ of the machine); different K's do not, so that a K's result never depends on whi
 Futures rather than one delayed graph: the chains run eagerly, every epoch end is saved the moment it exists,
 progress is exact, and a Ctrl-C cancels what is left. The client holds one future per chain and step in
 flight, and only small results (a chain's state, reduced tables) ever come back to it.
+
+On the client, :func:`run_chains` submits the three phases in that order, then handles each result it watches for
+(a ``Watched``: its ``ResultKind``, its K, its step, its part of the future's result) as it arrives, one handler per
+kind: the checkpoint's saves, the inertia curve, the restart chosen, the statistics and centers of each K's result.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,11 @@ from mnist_kmeans.data.store import StoreInfo
 from mnist_kmeans.errors import UserError
 from mnist_kmeans.evaluate import PassStats, chunk_stats_task, combine, lloyd_update
 from mnist_kmeans.fit import ChainState, FitParams, draw_sample, fit_chunk, init_chain
+from mnist_kmeans.progress import Progress
+
+# Every K's start (phase 1) runs before any epoch: the small K, whose many restarts make long sequences of short
+# tasks, would otherwise start last and finish alone.
+START_PRIORITY = 1
 
 
 @dataclass(frozen=True)
@@ -52,11 +61,6 @@ class FitPlan:
     epochs: int
     lloyd_steps: int
     params: FitParams
-
-    @property
-    def chains(self) -> list[tuple[int, int]]:
-        # Largest K first: the longest chains start first, so they do not finish alone at the end.
-        return [(k, r) for k in sorted(self.restarts, reverse=True) for r in range(self.restarts[k])]
 
 
 @dataclass
@@ -71,6 +75,9 @@ class KResult:
     test: PassStats
     trajectory: list[float]  # training inertia after each epoch, then after each Lloyd step
     fit_seconds: float
+
+
+# --- the tasks this module adds (module-level: they run on the workers) ----------------------------------------------
 
 
 def centers_of(state: ChainState) -> np.ndarray:
@@ -103,38 +110,80 @@ def lloyd_step(index: int, centers: Sequence[np.ndarray], stats: list[PassStats]
     return lloyd_update(centers[index], stats[index])
 
 
+# --- what the client watches for -------------------------------------------------------------------------------------
+
+
+class ResultKind(Enum):
+    """What a watched result is, and so what the client does with it when it arrives."""
+
+    CHUNK = "chunk"  # a fit_chunk task within an epoch: counted for progress
+    EPOCH = "epoch"  # a fit_chunk task that ends epoch ``step``: counted, and its chain state saved
+    SAVE = "save"  # the screening's winner, which ended epoch 1: saved (its chunks were counted as they ran)
+    SCREEN = "screen"  # the screening pass: each restart's training inertia
+    SELECT = "select"  # the index of the restart that won the screening
+    EPOCHS = "epochs"  # the grid pass after the epochs: the inertia after each epoch
+    LLOYD_STATS = "lloyd-stats"  # the grid pass before Lloyd step ``step``: the inertia after step ``step - 1``
+    LLOYD = "lloyd"  # the centers after Lloyd step ``step``: saved
+    EVAL_TRAIN = "eval-train"  # the statistics of the final centers over the training split
+    EVAL_TEST = "eval-test"  # ... over the test split
+    FINAL = "final"  # the final centers
+
+
+@dataclass(frozen=True)
+class Watched:
+    """A result the client waits for: what it is, of which K, and where the K's part of the future's result lies."""
+
+    kind: ResultKind
+    k: int
+    step: int = 0  # the epoch (EPOCH, SAVE) or the Lloyd step (EPOCHS, LLOYD_STATS, LLOYD); else 0
+    index: int | slice | None = None  # the K's part of a result shared by several (a pass); None: all of it
+
+
+@dataclass(frozen=True)
+class GridPass:
+    """One statistics pass over the training split that a K takes part in (phase 3)."""
+
+    kind: ResultKind  # EPOCHS, LLOYD_STATS or EVAL_TRAIN
+    lloyd_step: int  # the Lloyd step made from the pass's per-center sums; 0: none, the pass needs no sums
+
+    @property
+    def with_sums(self) -> bool:
+        return self.lloyd_step > 0
+
+
 class _Result:
     """A future's result, fetched once and only if asked for (a chunk's chain state, counted for progress, is not)."""
 
-    def __init__(self, fut: Future):
-        self.fut, self.value, self.fetched = fut, None, False
+    def __init__(self, future: Future):
+        self.future, self.value, self.fetched = future, None, False
 
-    def __call__(self, index: Any = None) -> Any:
+    def part(self, index: int | slice | None) -> Any:
+        """The result, or its part ``index``."""
         if not self.fetched:
-            self.value, self.fetched = self.fut.result(), True
+            self.value, self.fetched = self.future.result(), True
         return self.value if index is None else self.value[index]
 
 
 @dataclass
 class _Start:
-    """Where a K's continuation starts: a chain state (a future, or loaded from the checkpoint) after ``done``
-    chunks, with its centers after each earlier epoch; or, resumed in the Lloyd steps, the centers after step
-    ``lloyd_done``."""
+    """Where a K's continuation starts (phase 2): a chain state (a future, or loaded from the checkpoint) after
+    ``chunks_done`` chunks, with its centers after each earlier epoch; or, resumed in the Lloyd steps (``state`` is
+    None), the centers after step ``lloyd_done``."""
 
     state: Any
-    done: int
-    history: list[Any]
+    chunks_done: int
+    epoch_centers: list[Any]
     centers: Any = None
     lloyd_done: int = 0
 
 
 @dataclass
-class _K:
-    """The client's record of one K while its tasks run."""
+class _KRecord:
+    """The client's record of one K while its tasks run (what ``Progress`` shows, what ``KResult`` is made of)."""
 
     k: int
     restarts: int
-    fit_tasks: int  # partial_fit tasks in total (restarts x epochs x chunks), for progress
+    fit_tasks: int  # partial_fit tasks in total (the chosen chain's epochs, the other restarts' screening chunks)
     fit_done: int = 0
     t_start: float = field(default_factory=time.perf_counter)
     t_fit_end: float | None = None
@@ -146,34 +195,299 @@ class _K:
     test: PassStats | None = None
     centers: np.ndarray | None = None
 
+    @property
+    def epochs_measured(self) -> bool:
+        return bool(self.epoch_inertia)
 
-class Progress:
-    """One status line on a terminal (stderr); silent when stderr is not a terminal."""
+    @property
+    def evaluated(self) -> bool:
+        return self.test is not None
 
-    def __init__(self, stream: Any = None, min_interval: float = 0.2):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.min_interval, self.last = min_interval, 0.0
+    def screen_inertia(self) -> list[float]:
+        """Each restart's training inertia at the screening, in restart order."""
+        return [self.restart_inertia[r] for r in sorted(self.restart_inertia)]
 
-    def update(self, groups: dict[int, _K], epochs: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last < self.min_interval):
-            return
-        self.last = now
-        parts = []
-        for k, g in sorted(groups.items()):
-            done = epochs * g.fit_done // max(g.fit_tasks, 1)
-            state = "done" if g.test is not None else ("lloyd" if g.epoch_inertia else f"{done}/{epochs} ep")
-            parts.append(f"K={k} {state}")
-        total = sum(g.fit_tasks for g in groups.values())
-        pct = 100 * sum(g.fit_done for g in groups.values()) // max(total, 1)
-        self.stream.write(f"\rfit {pct:3d}% of epochs | " + "  ".join(parts) + "\033[K")
-        self.stream.flush()
+    def result(self, lloyd_steps: int) -> KResult:
+        """The K's result, once every result watched for it has arrived."""
+        assert self.train is not None and self.test is not None and self.centers is not None
+        assert self.chosen is not None
+        lloyd = self.lloyd_inertia[: max(lloyd_steps - 1, 0)] + ([self.train.inertia] if lloyd_steps > 0 else [])
+        seconds = (self.t_fit_end or time.perf_counter()) - self.t_start
+        return KResult(
+            self.k, self.chosen, self.screen_inertia(), self.centers, self.train, self.test,
+            self.epoch_inertia + lloyd, seconds,
+        )
 
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+
+Handler = Callable[[_KRecord, Watched, _Result], None]
+
+
+class _Scheduler:
+    """One call of :func:`run_chains`: submits the graph phase by phase, then handles the results it watches for."""
+
+    def __init__(self, client: Client, plan: FitPlan, ckpt: Checkpoint):
+        self.client, self.plan, self.ckpt, self.info = client, plan, ckpt, plan.info
+        self.n_chunks = plan.info.n_chunks("train")
+        self.screen_chunks = plan.params.screen_chunks(plan.info)
+        self.records: dict[int, _KRecord] = {}
+        self.sample: Future | None = None  # the k-means++ sample, drawn only if some chain starts afresh
+        self.starts: dict[int, _Start] = {}  # phase 1's ends, where each K's phase 2 starts
+        self.centers: dict[int, Any] = {}  # each K's current centers (a future, or an array read from the checkpoint)
+        self.epoch_centers: dict[int, tuple] = {}  # each K's centers after each epoch but the last
+        self.passes: dict[int, list[GridPass]] = {}  # each K's grid passes still to make
+        self.watched: dict[Future, list[Watched]] = {}  # what to do with each future's result when it arrives
+        self.handlers: dict[ResultKind, Handler] = {
+            ResultKind.CHUNK: self.on_chunk,
+            ResultKind.EPOCH: self.on_epoch,
+            ResultKind.SAVE: self.on_save,
+            ResultKind.SCREEN: self.on_screen,
+            ResultKind.SELECT: self.on_select,
+            ResultKind.EPOCHS: self.on_epochs,
+            ResultKind.LLOYD_STATS: self.on_lloyd_stats,
+            ResultKind.LLOYD: self.on_lloyd,
+            ResultKind.EVAL_TRAIN: self.on_eval_train,
+            ResultKind.EVAL_TEST: self.on_eval_test,
+            ResultKind.FINAL: self.on_final,
+        }
+
+    # --- submitting ---------------------------------------------------------------------------------------------
+
+    def watch(self, future: Future, *watched: Watched) -> None:
+        self.watched.setdefault(future, []).extend(watched)
+
+    def submit(self, func: Callable, *args: Any, watch: Watched | None = None, **kwargs: Any) -> Future:
+        future = self.client.submit(func, *args, pure=False, **kwargs)
+        if watch is not None:
+            self.watch(future, watch)
+        return future
+
+    def stats_pass(
+        self, split: str, center_sets: list[Any], with_sums: bool | list[bool], histories: Sequence = (),
+        gemm_groups: Sequence[int] = (), priority: int = 0,
+    ) -> Future:
+        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
+        parts = [
+            self.submit(chunk_stats_task, center_sets, self.info, split, chunk, with_sums=with_sums,
+                        histories=histories, gemm_groups=gemm_groups, priority=priority)
+            for chunk in range(self.info.n_chunks(split))
+        ]
+        return tree_reduce(self.client, parts, priority=priority)
+
+    def fit_chunks(self, state: Any, k: int, chunks_done: int, n_tasks: int, save: bool = True,
+                   priority: int = 0) -> Future:
+        """``n_tasks`` fit_chunk tasks after ``chunks_done`` chunks of K's chain; epoch ends are saved if ``save``."""
+        for chunk in range(chunks_done, chunks_done + n_tasks):
+            if save and (chunk + 1) % self.n_chunks == 0:
+                watched = Watched(ResultKind.EPOCH, k, step=(chunk + 1) // self.n_chunks)
+            else:
+                watched = Watched(ResultKind.CHUNK, k)
+            state = self.submit(fit_chunk, state, self.info, self.plan.params, watch=watched, priority=priority)
+        return state
+
+    # --- phase 1: every K's start --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Every K resumed from the checkpoint, or started: k-means++ and the screening of its restarts.
+
+        Largest K first: the longest work starts first.
+        """
+        screened: dict[int, list[Future]] = {}  # K -> the state of each restart after the screening chunks
+        for k in sorted(self.plan.restarts, reverse=True):
+            n_restarts = self.plan.restarts[k]
+            saved = self.saved_restart(k)
+            screening = saved is None and n_restarts > 1
+            others = (n_restarts - 1) * self.screen_chunks if screening else 0
+            record = self.records[k] = _KRecord(k, n_restarts, self.plan.epochs * self.n_chunks + others)
+            if saved is not None:
+                self.starts[k] = self.resume(record, *saved)
+            elif screening:
+                screened[k] = self.start_restarts(k, n_restarts)
+            else:
+                record.chosen = 0
+                chain = self.submit(init_chain, self.kmeans_sample(), k, 0, self.plan.params, priority=START_PRIORITY)
+                self.starts[k] = _Start(chain, 0, [])
+        if screened:
+            self.screen(screened)
+
+    def saved_restart(self, k: int) -> tuple[int, int, int] | None:
+        """(restart, epochs done, Lloyd steps done) of K's restart with a saved chain; None if none has."""
+        saved = [self.ckpt.progress(k, r) for r in range(self.plan.restarts[k])]
+        started = [r for r, (epochs_done, lloyd_done) in enumerate(saved) if epochs_done or lloyd_done]
+        if len(started) > 1:  # only the restart that won the screening ever saves anything
+            raise UserError(f"{self.ckpt.path}/chains/k{k}: {len(started)} restarts have saved epochs; "
+                            "this checkpoint was made by another version, start a new run")
+        return (started[0], *saved[started[0]]) if started else None
+
+    def resume(self, record: _KRecord, restart: int, epochs_done: int, lloyd_done: int) -> _Start:
+        """Where a K with a saved chain goes on: after its last saved Lloyd step, else after its last saved epoch."""
+        k, epochs, ckpt = record.k, self.plan.epochs, self.ckpt
+        record.chosen, record.fit_done = restart, epochs_done * self.n_chunks
+        attrs = ckpt.chain_attrs(k, restart)
+        record.restart_inertia = dict(enumerate(attrs.get("screen_inertia", [])))
+        if lloyd_done:
+            record.epoch_inertia = list(attrs["epoch_inertia"])
+            record.lloyd_inertia = list(attrs["lloyd_inertia"])[: lloyd_done - 1]
+            return _Start(None, epochs * self.n_chunks, [], ckpt.lloyd_centers(k, restart)[-1], lloyd_done)
+        earlier = list(ckpt.epoch_centers(k, restart)[: min(epochs_done, epochs - 1)])
+        return _Start(ckpt.load_state(k, restart), epochs_done * self.n_chunks, earlier)
+
+    def kmeans_sample(self) -> Future:
+        """The k-means++ sample, drawn once for all chains (as many rows as the largest K needs)."""
+        if self.sample is None:
+            rows = max(self.plan.params.init_rows(k, self.info.n_train) for k in self.plan.restarts)
+            self.sample = self.submit(draw_sample, self.info, rows, self.plan.params.seed, priority=START_PRIORITY)
+        return self.sample
+
+    def start_restarts(self, k: int, n_restarts: int) -> list[Future]:
+        """Every restart of K: k-means++, then its screening chunks (not saved); each restart's state after them."""
+        sample, params = self.kmeans_sample(), self.plan.params
+        inits = [self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY) for r in range(n_restarts)]
+        return [self.fit_chunks(chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY)
+                for chain in inits]
+
+    def screen(self, screened: dict[int, list[Future]]) -> None:
+        """One pass measures every restart of every screened K; each K's best restart goes on from there."""
+        center_sets = [self.submit(centers_of, chain, priority=START_PRIORITY)
+                       for chains in screened.values() for chain in chains]
+        stats = self.stats_pass("train", center_sets, False, gemm_groups=[len(chains) for chains in screened.values()],
+                                priority=START_PRIORITY)
+        first = 0
+        for k, chains in screened.items():
+            restarts = slice(first, first + len(chains))  # K's restarts among the pass's center sets
+            first = restarts.stop
+            self.watch(stats, Watched(ResultKind.SCREEN, k, index=restarts))
+            index = self.submit(select_restart, stats, restarts.start, restarts.stop,
+                                watch=Watched(ResultKind.SELECT, k), priority=START_PRIORITY)
+            winner = self.submit(pick, index, chains, priority=START_PRIORITY)
+            self.starts[k] = _Start(winner, self.screen_chunks, [])
+            if self.screen_chunks == self.n_chunks:  # the screening ended the first epoch: save the winner's
+                self.watch(winner, Watched(ResultKind.SAVE, k, step=1))
+                if self.plan.epochs > 1:
+                    self.starts[k].epoch_centers.append(self.submit(centers_of, winner))
+
+    # --- phase 2: every K's epochs -------------------------------------------------------------------------------
+
+    def fit_epochs(self) -> None:
+        """The chosen chain of every K fits the rest of its epochs; then each K's grid passes are planned."""
+        lloyd_steps = self.plan.lloyd_steps
+        for k, start in self.starts.items():
+            if start.state is None:  # resumed in its Lloyd steps
+                self.centers[k], self.epoch_centers[k] = start.centers, ()
+                lloyd_done, passes = start.lloyd_done, []
+            else:
+                self.centers[k], self.epoch_centers[k] = self.finish_epochs(k, start)
+                # the pass after the epochs gives their inertia and, with the sums, the first Lloyd step
+                lloyd_done, passes = min(lloyd_steps, 1), [GridPass(ResultKind.EPOCHS, min(lloyd_steps, 1))]
+            passes += [GridPass(ResultKind.LLOYD_STATS, step) for step in range(lloyd_done + 1, lloyd_steps + 1)]
+            self.passes[k] = passes + ([GridPass(ResultKind.EVAL_TRAIN, 0)] if lloyd_steps > 0 else [])
+
+    def finish_epochs(self, k: int, start: _Start) -> tuple[Future, tuple]:
+        """Submit the rest of K's epochs (each epoch end saved): its centers after them, and after each earlier one."""
+        chain, n_chunks, epochs = start.state, self.n_chunks, self.plan.epochs
+        for epoch in range(start.chunks_done // n_chunks, epochs):
+            first = max(start.chunks_done, epoch * n_chunks)
+            chain = self.fit_chunks(chain, k, first, (epoch + 1) * n_chunks - first)
+            if epoch < epochs - 1:  # the centers after every epoch but the last, for their inertia
+                start.epoch_centers.append(self.submit(centers_of, chain))
+        return self.submit(centers_of, chain), tuple(start.epoch_centers)
+
+    # --- phase 3: the grid's passes ------------------------------------------------------------------------------
+
+    def grid_passes(self) -> None:
+        """The grid's passes, aligned at the end: every K takes part in the last (the evaluation), and a K resumed
+        in its Lloyd steps joins when its remaining steps begin. Then the test split's pass."""
+        n_passes = max(len(passes) for passes in self.passes.values())
+        lanes = {k: [None] * (n_passes - len(passes)) + passes for k, passes in self.passes.items()}
+        for position in range(n_passes):
+            self.grid_pass([(k, lane[position]) for k, lane in lanes.items() if lane[position] is not None])
+        self.test_pass()
+
+    def grid_pass(self, grid: list[tuple[int, GridPass]]) -> None:
+        """One pass over the training split for the K's of ``grid``, and the Lloyd steps made from its sums."""
+        center_sets = [self.centers[k] for k, _ in grid]
+        histories = [self.epoch_centers[k] if grid_pass.kind is ResultKind.EPOCHS else () for k, grid_pass in grid]
+        stats = self.stats_pass("train", center_sets, [grid_pass.with_sums for _, grid_pass in grid], histories)
+        for index, (k, grid_pass) in enumerate(grid):
+            self.watch(stats, Watched(grid_pass.kind, k, grid_pass.lloyd_step, index))
+            if grid_pass.kind is ResultKind.EPOCHS and self.plan.lloyd_steps == 0:
+                self.watch(stats, Watched(ResultKind.EVAL_TRAIN, k, 0, index))  # no Lloyd step: the evaluation
+            if grid_pass.with_sums:
+                self.centers[k] = self.submit(lloyd_step, index, center_sets, stats,
+                                              watch=Watched(ResultKind.LLOYD, k, grid_pass.lloyd_step))
+
+    def test_pass(self) -> None:
+        """Every K's final centers over the test split, in one pass."""
+        stats = self.stats_pass("test", [self.centers[k] for k in self.passes], False)
+        for index, k in enumerate(self.passes):
+            self.watch(stats, Watched(ResultKind.EVAL_TEST, k, index=index))
+            if isinstance(self.centers[k], Future):
+                self.watch(self.centers[k], Watched(ResultKind.FINAL, k))
+            else:  # resumed after its last Lloyd step
+                self.records[k].centers = self.centers[k]
+
+    # --- collecting ----------------------------------------------------------------------------------------------
+
+    def collect(self, progress: Progress) -> None:
+        """Handle every watched result as it arrives, and update ``progress`` after each future."""
+        epochs = self.plan.epochs
+        try:
+            for future in as_completed(list(self.watched)):
+                result = _Result(future)
+                for watched in self.watched.pop(future):
+                    self.handlers[watched.kind](self.records[watched.k], watched, result)
+                del future, result
+                progress.update(self.records, epochs)
+        except BaseException:
+            # Drop the references and let closing the client release the work: cancelling futures whose
+            # intermediate results have no holder trips an assertion in the scheduler (distributed 2026.8).
+            self.watched.clear()
+            raise
+        finally:
+            progress.update(self.records, epochs, force=True)
+            progress.close()
+
+    def results(self) -> list[KResult]:
+        return sorted((record.result(self.plan.lloyd_steps) for record in self.records.values()), key=lambda r: r.k)
+
+    def on_chunk(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.fit_done += 1
+
+    def on_epoch(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.fit_done += 1
+        self.on_save(record, watched, result)
+
+    def on_save(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        self.ckpt.save_epoch(result.part(watched.index), self.plan.epochs, self.plan.lloyd_steps,
+                             screen_inertia=record.screen_inertia())
+
+    def on_screen(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.restart_inertia = {r: stats.inertia for r, stats in enumerate(result.part(watched.index))}
+
+    def on_select(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.chosen = int(result.part(watched.index))
+
+    def on_epochs(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.epoch_inertia = [float(v) for v in result.part(watched.index).ssd]
+        record.t_fit_end = time.perf_counter()
+
+    def on_lloyd_stats(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.lloyd_inertia.append(result.part(watched.index).inertia)
+
+    def on_lloyd(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        assert record.chosen is not None
+        step, plan = watched.step, self.plan
+        self.ckpt.save_lloyd(record.k, record.chosen, step, result.part(watched.index), plan.epochs, plan.lloyd_steps,
+                             record.epoch_inertia, record.lloyd_inertia[: step - 1])
+        record.t_fit_end = time.perf_counter()
+
+    def on_eval_train(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.train = result.part(watched.index)
+
+    def on_eval_test(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.test = result.part(watched.index)
+
+    def on_final(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.centers = result.part(watched.index)
 
 
 def run_chains(
@@ -186,186 +500,13 @@ def run_chains(
 
     Blocks until all are done. On ``KeyboardInterrupt`` (or any error) the remaining work is cancelled and the
     exception propagates; every epoch and Lloyd step saved so far stays in ``ckpt``.
+
+    Returns one result per K, in increasing K.
     """
-    info, params, E, L = plan.info, plan.params, plan.epochs, plan.lloyd_steps
-    n_chunks = info.n_chunks("train")
     progress = progress or Progress()
-    groups: dict[int, _K] = {}
-    # What to do with each future's result when it arrives: (kind, K, step, index into the result or None).
-    events: dict[Future, list[tuple[str, int, int, Any]]] = {}
-
-    def on(fut: Future, *happenings: tuple[str, int, int, Any]) -> None:
-        events.setdefault(fut, []).extend(happenings)
-
-    def submit(func: Callable, *args: Any, event: tuple[str, int, int] | None = None, **kwargs: Any) -> Future:
-        fut = client.submit(func, *args, pure=False, **kwargs)
-        if event is not None:
-            on(fut, (*event, None))
-        return fut
-
-    def stats_pass(
-        split: str, center_sets: list[Any], with_sums: Any, histories: Sequence = (), gemm_groups: Sequence[int] = (),
-        priority: int = 0,
-    ) -> Future:
-        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
-        parts = [
-            submit(chunk_stats_task, center_sets, info, split, j, with_sums=with_sums, histories=histories,
-                   gemm_groups=gemm_groups, priority=priority)
-            for j in range(info.n_chunks(split))
-        ]
-        return tree_reduce(client, parts, priority=priority)
-
-    def fit_chunks(state: Any, k: int, done: int, n_tasks: int, save: bool = True, priority: int = 0) -> Any:
-        """``n_tasks`` fit_chunk tasks after ``done`` chunks of the chain: epoch ends are saved if ``save``."""
-        for i in range(done, done + n_tasks):
-            end_of_epoch = save and (i + 1) % n_chunks == 0
-            kind, epoch = ("epoch", (i + 1) // n_chunks) if end_of_epoch else ("chunk", 0)
-            state = submit(fit_chunk, state, info, params, event=(kind, k, epoch), priority=priority)
-        return state
-
-    sample: Future | None = None  # the k-means++ sample, drawn once for all chains, only if some chain starts afresh
-    sample_rows = max(params.init_rows(k, info.n_train) for k in plan.restarts)
-    S = params.screen_chunks(info)
-
-    # Phase 1, every K's start: resume from the checkpoint, or k-means++ and the screening of its restarts. These
-    # tasks are submitted first and run first: the small K, whose many restarts make long sequences of short tasks,
-    # would otherwise start last and finish alone.
-    FIRST = 1
-    starts: dict[int, _Start] = {}
-    screened: list[tuple[int, list[Future]]] = []  # (K, the state of each restart after the screening chunks)
-    for k in sorted(plan.restarts, reverse=True):  # largest K first: the longest work starts first
-        R = plan.restarts[k]
-        saved = [ckpt.progress(k, r) for r in range(R)]
-        started = [r for r, (e, lloyd) in enumerate(saved) if e or lloyd]
-        if len(started) > 1:  # only the restart that won the screening ever saves anything
-            raise UserError(f"{ckpt.path}/chains/k{k}: {len(started)} restarts have saved epochs; "
-                            "this checkpoint was made by another version, start a new run")
-        screening = not started and R > 1
-        g = groups[k] = _K(k, R, fit_tasks=E * n_chunks + (R - 1) * S * screening)
-        if started:
-            g.chosen = started[0]
-            epochs_done, lloyd_done = saved[g.chosen]
-            g.fit_done = epochs_done * n_chunks
-            attrs = ckpt.chain_attrs(k, g.chosen)
-            g.restart_inertia = dict(enumerate(attrs.get("screen_inertia", [])))
-            if lloyd_done:  # resume in the Lloyd steps
-                g.epoch_inertia = list(attrs["epoch_inertia"])
-                g.lloyd_inertia = list(attrs["lloyd_inertia"])[: lloyd_done - 1]
-                starts[k] = _Start(None, E * n_chunks, [], ckpt.lloyd_centers(k, g.chosen)[-1], lloyd_done)
-            else:
-                history = list(ckpt.epoch_centers(k, g.chosen)[: min(epochs_done, E - 1)])
-                starts[k] = _Start(ckpt.load_state(k, g.chosen), epochs_done * n_chunks, history)
-            continue
-        sample = sample or submit(draw_sample, info, sample_rows, params.seed, priority=FIRST)
-        if screening:
-            inits = [submit(init_chain, sample, k, r, params, priority=FIRST) for r in range(R)]
-            heads = [fit_chunks(state, k, 0, S, save=False, priority=FIRST) for state in inits]
-            screened.append((k, heads))
-        else:
-            g.chosen = 0
-            starts[k] = _Start(submit(init_chain, sample, k, 0, params, priority=FIRST), 0, [])
-    if screened:
-        screen = stats_pass("train", [submit(centers_of, h, priority=FIRST) for _, heads in screened for h in heads],
-                            False, gemm_groups=[len(heads) for _, heads in screened], priority=FIRST)
-        first = 0
-        for k, heads in screened:
-            on(screen, ("screen", k, 0, slice(first, first + len(heads))))
-            index = submit(select_restart, screen, first, first + len(heads), event=("select", k, 0), priority=FIRST)
-            first += len(heads)
-            state = submit(pick, index, heads, priority=FIRST)  # the winner goes on from its chunk S
-            starts[k] = _Start(state, S, [])
-            if S == n_chunks:  # the screening ended the first epoch: save the winner's
-                on(state, ("save", k, 1, None))
-                if E > 1:
-                    starts[k].history.append(submit(centers_of, state))
-
-    # Phase 2, every K's epochs: the chosen chain fits the rest of them.
-    centers: dict[int, Any] = {}  # each K's current centers (a future, or an array read from the checkpoint)
-    todo: dict[int, list[tuple[str, int, bool]]] = {}  # each K's passes still to make: (kind, Lloyd step, sums)
-    histories: dict[int, tuple] = {}
-    for k, st in starts.items():
-        if st.state is None:
-            centers[k], histories[k], done_lloyd, passes = st.centers, (), st.lloyd_done, []
-        else:
-            state = st.state
-            for epoch in range(st.done // n_chunks, E):
-                first = max(st.done, epoch * n_chunks)
-                state = fit_chunks(state, k, first, (epoch + 1) * n_chunks - first)
-                if epoch < E - 1:  # the centers after every epoch but the last, for their inertia
-                    st.history.append(submit(centers_of, state))
-            centers[k], histories[k] = submit(centers_of, state), tuple(st.history)
-            # the pass after the epochs gives their inertia and, with the sums, the first Lloyd step
-            done_lloyd, passes = min(L, 1), [("epochs", 1 if L else 0, L > 0)]
-        passes += [("lloyd-stats", step, True) for step in range(done_lloyd + 1, L + 1)]
-        todo[k] = passes + ([("eval-train", 0, False)] if L > 0 else [])
-
-    # Phase 3, the grid's passes, aligned at the end: every K takes part in the last (the evaluation), and a K
-    # resumed in its Lloyd steps joins when its remaining steps begin.
-    T = max(len(p) for p in todo.values())
-    for t in range(T):
-        grid = [(k, todo[k][t - T + len(todo[k])]) for k in todo if len(todo[k]) >= T - t]
-        sets = [centers[k] for k, _ in grid]
-        stats = stats_pass("train", sets, [sums for _, (_, _, sums) in grid],
-                           [histories[k] if kind == "epochs" else () for k, (kind, _, _) in grid])
-        for i, (k, (kind, step, sums)) in enumerate(grid):
-            on(stats, (kind, k, step, i))
-            if kind == "epochs" and L == 0:
-                on(stats, ("eval-train", k, 0, i))  # no Lloyd step: this pass is the evaluation
-            if sums:
-                centers[k] = submit(lloyd_step, i, sets, stats, event=("lloyd", k, step))
-    test = stats_pass("test", [centers[k] for k in todo], False)
-    for i, k in enumerate(todo):
-        on(test, ("eval-test", k, 0, i))
-        if isinstance(centers[k], Future):
-            on(centers[k], ("final", k, 0, None))
-        else:  # resumed after its last Lloyd step
-            groups[k].centers = centers[k]
-
-    try:
-        for fut in as_completed(list(events)):
-            result = _Result(fut)
-            for kind, k, n, index in events.pop(fut):
-                g = groups[k]
-                if kind in ("chunk", "epoch"):
-                    g.fit_done += 1
-                if kind in ("epoch", "save"):
-                    screen_inertia = [g.restart_inertia[r] for r in sorted(g.restart_inertia)]
-                    ckpt.save_epoch(result(index), E, L, screen_inertia=screen_inertia)
-                elif kind == "screen":
-                    g.restart_inertia = {r: st.inertia for r, st in enumerate(result(index))}
-                elif kind == "select":
-                    g.chosen = int(result(index))
-                elif kind == "epochs":
-                    g.epoch_inertia = [float(v) for v in result(index).ssd]
-                    g.t_fit_end = time.perf_counter()
-                elif kind == "lloyd-stats":
-                    g.lloyd_inertia.append(result(index).inertia)
-                elif kind == "lloyd":
-                    assert g.chosen is not None
-                    ckpt.save_lloyd(k, g.chosen, n, result(index), E, L, g.epoch_inertia, g.lloyd_inertia[: n - 1])
-                    g.t_fit_end = time.perf_counter()
-                elif kind == "eval-train":
-                    g.train = result(index)
-                elif kind == "eval-test":
-                    g.test = result(index)
-                elif kind == "final":
-                    g.centers = result(index)
-            del fut, result
-            progress.update(groups, E)
-    except BaseException:
-        # Drop the references and let closing the client release the work: cancelling futures whose
-        # intermediate results have no holder trips an assertion in the scheduler (distributed 2026.8).
-        events.clear()
-        raise
-    finally:
-        progress.update(groups, E, force=True)
-        progress.close()
-
-    results = []
-    for k, g in groups.items():
-        assert g.train is not None and g.test is not None and g.centers is not None and g.chosen is not None
-        trajectory = g.epoch_inertia + g.lloyd_inertia[: max(L - 1, 0)] + ([g.train.inertia] if L > 0 else [])
-        restart_inertia = [g.restart_inertia[r] for r in sorted(g.restart_inertia)]
-        end = g.t_fit_end or time.perf_counter()
-        results.append(KResult(k, g.chosen, restart_inertia, g.centers, g.train, g.test, trajectory, end - g.t_start))
-    return sorted(results, key=lambda r: r.k)
+    scheduler = _Scheduler(client, plan, ckpt)
+    scheduler.start()
+    scheduler.fit_epochs()
+    scheduler.grid_passes()
+    scheduler.collect(progress)
+    return scheduler.results()

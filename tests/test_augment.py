@@ -1,4 +1,4 @@
-"""augment: a training set of deformed digits written by the cluster (SPEC "Commands" and "The store").
+"""augment: a training set of deformed digits written by the cluster (docs/contract.md, "Commands" and "Store layout").
 
 The deformation is tested as a pure function first (no cluster), then the stores that real LocalClusters write from
 a small store of real MNIST digits, then the command line, ending with a `run` on an augmented store.
@@ -14,30 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import IDX_NAMES, MNIST_DIR, idx_bytes, run_cli, tree_snapshot, write_idx
 from distributed import Client, LocalCluster
 from scipy import ndimage
 
 from mnist_kmeans.cli import main
-from mnist_kmeans.data.augment import (
-    DeformParams,
-    augment,
-    bilinear,
-    deform,
-    n_uniforms,
-    row_uniforms,
-    source_rows,
-)
+from mnist_kmeans.data.augment import augment, source_rows
+from mnist_kmeans.data.deform import DeformParams, bilinear, deform, n_uniforms, row_uniforms
 from mnist_kmeans.data.ingest import ingest
 from mnist_kmeans.data.store import FORMAT, open_store, read_attrs
+from tests.helpers import IDX_NAMES, MNIST_DIR, idx_bytes, quiet, run_cli, tree_snapshot, write_idx
 
 N_TRAIN, N_TEST, CHUNK_ROWS = 600, 600, 250
 # Not a multiple of the chunk size (a short last chunk), nor of the 256 rows of a random stream; > 4 x N_TRAIN.
 N_ROWS = 2_890
-
-
-def quiet(line: str) -> None:
-    pass
 
 
 def mnist_digits(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +107,9 @@ def test_deformation_is_a_small_real_deformation():
     assert own.mean() > other.mean() + 0.3
     ink = out.reshape(len(out), -1).sum(1) / images.reshape(len(images), -1).sum(1)
     assert 0.9 < ink.mean() < 1.15
-    shift = [np.subtract(ndimage.center_of_mass(o), ndimage.center_of_mass(i)) for o, i in zip(out, images)]
+    shift = [
+        np.subtract(ndimage.center_of_mass(o), ndimage.center_of_mass(i)) for o, i in zip(out, images, strict=True)
+    ]
     assert np.linalg.norm(shift, axis=1).mean() < 2.5  # pixels
 
 
@@ -137,7 +128,7 @@ def source(tmp_path_factory) -> str:
     (root / "idx").mkdir()
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         images, labels = mnist_digits(split, n)
-        for name, array in zip(IDX_NAMES[split], (images, labels)):
+        for name, array in zip(IDX_NAMES[split], (images, labels), strict=True):
             write_idx(root / "idx" / name, idx_bytes(array))
     store = str(root / "src.zarr")
     ingest(str(root / "idx"), store, chunk_rows=CHUNK_ROWS, log=quiet)
@@ -146,9 +137,11 @@ def source(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster:
-        with Client(cluster) as c:
-            yield c
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -190,15 +183,17 @@ def test_rows_are_the_pure_deformations_of_their_sources(source, built):
 
 
 def test_test_split_is_copied_unchanged(source, built):
-    for got, want in zip(split_arrays(built, "test"), split_arrays(source, "test")):
+    for got, want in zip(split_arrays(built, "test"), split_arrays(source, "test"), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
 
 
 def test_same_seed_same_bytes_on_another_cluster_shape_other_seed_differs(source, built, client, tmp_path):
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster:
-        with Client(cluster) as one_worker:
-            augment(source, str(tmp_path / "one.zarr"), N_ROWS, seed=0, client=one_worker, log=quiet)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster) as one_worker,
+    ):
+        augment(source, str(tmp_path / "one.zarr"), N_ROWS, seed=0, client=one_worker, log=quiet)
     augment(source, str(tmp_path / "seed1.zarr"), N_ROWS, seed=1, client=client, log=quiet)
     augment(source, str(tmp_path / "prefix.zarr"), 700, seed=0, client=client, log=quiet)
     reference = split_arrays(built, "train")[0]
@@ -261,7 +256,7 @@ def test_command_then_run_on_the_augmented_store(source, built, tmp_path):
     assert proc.stdout.startswith("dashboard: http://127.0.0.1:"), proc.stdout
     assert "Traceback" not in proc.stderr
     # The command's cluster wrote the same bytes as the fixture's.
-    for got, want in zip(split_arrays(out, "train"), split_arrays(built, "train")):
+    for got, want in zip(split_arrays(out, "train"), split_arrays(built, "train"), strict=True):
         np.testing.assert_array_equal(got, want)
 
     job = tmp_path / "job.yaml"

@@ -1,6 +1,7 @@
 """Job and cluster files: ``load_job`` / ``load_cluster`` defaults and validation, one row of a table per case.
 
-Every problem is a UserError of one line that names the file and the key at fault (SPEC "Exit codes": exit 2).
+Every problem is a UserError of one line that names the file and the key at fault
+(docs/contract.md, "Exit codes": exit 2).
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ def test_job_defaults(tmp_path: Path) -> None:
     job = load_job(write(tmp_path, MINIMAL))
     assert job == JobConfig(name="j", k_grid=(3, 6), centroid_grids=(3,))
     assert (job.store, job.epochs, job.batch_size, job.n_init, job.lloyd_steps, job.screen_rows, job.seed) == (
-        DEFAULT_STORE, JobConfig.epochs, JobConfig.batch_size, "auto", JobConfig.lloyd_steps, JobConfig.screen_rows, 0,
+        DEFAULT_STORE,
+        JobConfig.epochs,
+        JobConfig.batch_size,
+        "auto",
+        JobConfig.lloyd_steps,
+        JobConfig.screen_rows,
+        0,
     )
     assert job.restarts(3) >= 1 and job.restarts(64) >= 1
 
@@ -55,8 +62,10 @@ def test_job_defaults(tmp_path: Path) -> None:
         (MINIMAL, {"k_grid": (3, 6), "centroid_grids": (3,)}),  # no 36 in the grid: the first K
         ("name: j\nk_grid: [64, 10, 36]\n", {"k_grid": (10, 36, 64), "centroid_grids": (36,)}),  # sorted; 36 shown
         ("name: j\nk_grid: [2]\n", {"k_grid": (2,)}),
-        (MINIMAL + "epochs: 5\nbatch_size: 1\nseed: 4294967295\nlloyd_steps: 0\n",
-         {"epochs": 5, "batch_size": 1, "seed": 2**32 - 1, "lloyd_steps": 0}),
+        (
+            MINIMAL + "epochs: 5\nbatch_size: 1\nseed: 4294967295\nlloyd_steps: 0\n",
+            {"epochs": 5, "batch_size": 1, "seed": 2**32 - 1, "lloyd_steps": 0},
+        ),
         (MINIMAL + "n_init: 3\n", {"n_init": 3}),
         (MINIMAL + "screen_rows: 500\n", {"screen_rows": 500}),
         (MINIMAL + "n_init: auto\n", {"n_init": "auto"}),
@@ -232,7 +241,8 @@ def test_cluster_tls_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     absolute = tmp_path / "certs" / "ca.pem"
     path = write(
         tmp_path,
-        f"scheduler: tls://h:8786\ntls:\n  ca_file: {absolute}\n  cert: certs/client.pem\n  key: certs/client-key.pem\n",
+        f"scheduler: tls://h:8786\ntls:\n  ca_file: {absolute}\n"
+        "  cert: certs/client.pem\n  key: certs/client-key.pem\n",
     )
     cfg = load_cluster(path)
     assert cfg.tls is not None
@@ -260,7 +270,10 @@ BAD_CLUSTERS = [
     ("connect_timeout: -3\n", ["connect_timeout"]),
     ("connect_timeout: soon\n", ["connect_timeout"]),
     ("connect_timeout: true\n", ["connect_timeout"]),
-    ("tls:\n  ca_file: missing-ca.pem\n  cert: missing.pem\n  key: missing-key.pem\n", ["tls.ca_file", "missing-ca.pem"]),
+    (
+        "tls:\n  ca_file: missing-ca.pem\n  cert: missing.pem\n  key: missing-key.pem\n",
+        ["tls.ca_file", "missing-ca.pem"],
+    ),
     ("tls:\n  ca_file: ca.pem\n", ["tls.cert"]),
     ("tls:\n  ca: ca.pem\n", ["tls.ca", "unknown key"]),
     ("tls: [a]\n", ["tls"]),

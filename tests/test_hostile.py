@@ -25,12 +25,15 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from conftest import REPO_ROOT, IdxDataset, tree_snapshot
 
 from mnist_kmeans.cli import main
+from tests.helpers import REPO_ROOT, IdxDataset, tree_snapshot
 
 GOOD_JOB = {"name": "hostile", "k_grid": [3], "epochs": 1, "batch_size": 100, "n_init": 1, "lloyd_steps": 0, "seed": 0}
-THREADS_CLUSTER = "connect_timeout: 2\nlocal: {n_workers: 1, threads_per_worker: 2, processes: false, dashboard_address: '127.0.0.1:0'}\n"
+THREADS_CLUSTER = (
+    "connect_timeout: 2\n"
+    "local: {n_workers: 1, threads_per_worker: 2, processes: false, dashboard_address: '127.0.0.1:0'}\n"
+)
 
 
 @dataclass
@@ -55,9 +58,18 @@ class Ctx:
         path.write_text(text)
         return path
 
-    def run(self, job: Path | None = None, *more: str, store: str | None = None, cluster: Path | None = None) -> list[str]:
-        return ["run", str(job or self.job(GOOD_JOB)), "--cluster", str(cluster or self.cluster()),
-                "--store", store or self.store, *more]
+    def run(
+        self, job: Path | None = None, *more: str, store: str | None = None, cluster: Path | None = None
+    ) -> list[str]:
+        return [
+            "run",
+            str(job or self.job(GOOD_JOB)),
+            "--cluster",
+            str(cluster or self.cluster()),
+            "--store",
+            store or self.store,
+            *more,
+        ]
 
     def run_out(self, job: Path | None = None, **kw: object) -> list[str]:
         return [*self.run(job, **kw), "--out", str(self.out)]  # type: ignore[arg-type]
@@ -101,8 +113,17 @@ def v2_store_with_pickle(ctx: Ctx) -> str:
         for name, shape in (("images", [4, 4]), ("labels", [4])):
             d = root / split / name
             d.mkdir()
-            meta = {"zarr_format": 2, "shape": shape, "chunks": shape, "dtype": "|u1", "compressor": None,
-                    "fill_value": 0, "order": "C", "filters": [{"id": "pickle"}], "dimension_separator": "."}
+            meta = {
+                "zarr_format": 2,
+                "shape": shape,
+                "chunks": shape,
+                "dtype": "|u1",
+                "compressor": None,
+                "fill_value": 0,
+                "order": "C",
+                "filters": [{"id": "pickle"}],
+                "dimension_separator": ".",
+            }
             (d / ".zarray").write_text(json.dumps(meta))
             (d / ".".join("0" * len(shape))).write_bytes(pickle.dumps(_Evil(str(ctx.tmp / MARKER))))
     return str(root)
@@ -133,8 +154,11 @@ def store_with_attrs(ctx: Ctx, **changes: object) -> str:
 
 def store_of_floats(ctx: Ctx) -> str:
     root = ctx.tmp / "floats.zarr"
-    group = zarr.create_group(str(root), zarr_format=3, attributes={
-        "format": "mnist-kmeans/1", "complete": True, "image_shape": [2, 2], "n_classes": 2, "md5": {}})
+    group = zarr.create_group(
+        str(root),
+        zarr_format=3,
+        attributes={"format": "mnist-kmeans/1", "complete": True, "image_shape": [2, 2], "n_classes": 2, "md5": {}},
+    )
     for split in ("train", "test"):
         group.create_array(f"{split}/images", data=np.zeros((8, 4)), chunks=(4, 4))
         group.create_array(f"{split}/labels", data=np.zeros(8, dtype=np.uint8), chunks=(4,))
@@ -205,78 +229,188 @@ class Case:
 
 CASES = [
     # job files
-    Case("job: a YAML list", lambda c: c.run_out(c.job("- name: x\n- k_grid: [3]\n")), 2,
-         ("job.yaml", "must hold a YAML mapping", "list")),
-    Case("job: a YAML scalar", lambda c: c.run_out(c.job("just some words\n")), 2,
-         ("job.yaml", "must hold a YAML mapping", "str")),
-    Case("job: not valid YAML", lambda c: c.run_out(c.job("name: x\nk_grid: [3, 6\n")), 2, ("job.yaml", "not valid YAML")),
+    Case(
+        "job: a YAML list",
+        lambda c: c.run_out(c.job("- name: x\n- k_grid: [3]\n")),
+        2,
+        ("job.yaml", "must hold a YAML mapping", "list"),
+    ),
+    Case(
+        "job: a YAML scalar",
+        lambda c: c.run_out(c.job("just some words\n")),
+        2,
+        ("job.yaml", "must hold a YAML mapping", "str"),
+    ),
+    Case(
+        "job: not valid YAML", lambda c: c.run_out(c.job("name: x\nk_grid: [3, 6\n")), 2, ("job.yaml", "not valid YAML")
+    ),
     Case("job: not UTF-8", lambda c: c.run_out(c.job(b"name: \xff\xfe\x00x\n")), 2, ("job.yaml", "cannot read")),
     Case("job: file missing", lambda c: c.run_out(c.tmp / "nope.yaml"), 2, ("nope.yaml", "file not found")),
-    Case("job: a python tag (code)", lambda c: c.run_out(c.job(f"!!python/object/apply:os.system ['touch {c.tmp}/{MARKER}']\n")),
-         2, ("job.yaml", "not valid YAML")),
-    Case("job: k_grid missing", lambda c: c.run_out(c.job(job_with(k_grid=None))), 2, ("job.yaml", "k_grid", "missing")),
+    Case(
+        "job: a python tag (code)",
+        lambda c: c.run_out(c.job(f"!!python/object/apply:os.system ['touch {c.tmp}/{MARKER}']\n")),
+        2,
+        ("job.yaml", "not valid YAML"),
+    ),
+    Case(
+        "job: k_grid missing", lambda c: c.run_out(c.job(job_with(k_grid=None))), 2, ("job.yaml", "k_grid", "missing")
+    ),
     Case("job: name missing", lambda c: c.run_out(c.job(job_with(name=None))), 2, ("job.yaml", "name", "missing")),
     Case("job: name of the wrong type", lambda c: c.run_out(c.job(job_with(name=[1, 2]))), 2, ("job.yaml", "name")),
     Case("job: negative K", lambda c: c.run_out(c.job(job_with(k_grid=[-5]))), 2, ("job.yaml", "k_grid", ">= 2")),
     Case("job: huge K", lambda c: c.run_out(c.job(job_with(k_grid=[10**12]))), 2, ("job.yaml", "k_grid", "<= 65536")),
-    Case("job: K a string", lambda c: c.run_out(c.job(job_with(k_grid="ten"))), 2, ("job.yaml", "k_grid", "list of integers")),
+    Case(
+        "job: K a string",
+        lambda c: c.run_out(c.job(job_with(k_grid="ten"))),
+        2,
+        ("job.yaml", "k_grid", "list of integers"),
+    ),
     Case("job: K a float", lambda c: c.run_out(c.job(job_with(k_grid=[3.5]))), 2, ("job.yaml", "k_grid", "integer")),
-    Case("job: K larger than the training rows", lambda c: c.run_out(c.job(job_with(k_grid=[5000]))), 2,
-         ("job.yaml", "k_grid", "K=5000 is larger than the 3000 training rows")),
-    Case("job: epochs a string", lambda c: c.run_out(c.job(job_with(epochs="3"))), 2, ("job.yaml", "epochs", "integer")),
-    Case("job: batch_size 0", lambda c: c.run_out(c.job(job_with(batch_size=0))), 2, ("job.yaml", "batch_size", ">= 1")),
+    Case(
+        "job: K larger than the training rows",
+        lambda c: c.run_out(c.job(job_with(k_grid=[5000]))),
+        2,
+        ("job.yaml", "k_grid", "K=5000 is larger than the 3000 training rows"),
+    ),
+    Case(
+        "job: epochs a string", lambda c: c.run_out(c.job(job_with(epochs="3"))), 2, ("job.yaml", "epochs", "integer")
+    ),
+    Case(
+        "job: batch_size 0", lambda c: c.run_out(c.job(job_with(batch_size=0))), 2, ("job.yaml", "batch_size", ">= 1")
+    ),
     Case("job: seed beyond 32 bits", lambda c: c.run_out(c.job(job_with(seed=2**40))), 2, ("job.yaml", "seed", "<=")),
     Case("job: a misspelt key", lambda c: c.run_out(c.job(job_with(epoch=3))), 2, ("job.yaml", "epoch", "unknown key")),
     # cluster files
-    Case("cluster: a YAML list", lambda c: c.run_out(cluster=c.cluster("- scheduler: tcp://x:1\n")), 2,
-         ("cluster.yaml", "must hold a YAML mapping")),
-    Case("cluster: address without scheme", lambda c: c.run_out(cluster=c.cluster("scheduler: localhost:8786\n")), 2,
-         ("cluster.yaml", "scheduler", "tcp://HOST:8786")),
-    Case("cluster: negative timeout", lambda c: c.run_out(cluster=c.cluster("connect_timeout: -1\n")), 2,
-         ("cluster.yaml", "connect_timeout", "positive")),
-    Case("cluster: zero workers", lambda c: c.run_out(cluster=c.cluster("local: {n_workers: 0}\n")), 2,
-         ("cluster.yaml", "local.n_workers", ">= 1")),
-    Case("cluster: memory limit garbage", lambda c: c.run_out(cluster=c.cluster("local: {memory_limit: lots}\n")), 2,
-         ("cluster.yaml", "memory_limit")),
-    Case("cluster: TLS files missing", lambda c: c.run_out(cluster=c.cluster(
-        "scheduler: tls://127.0.0.1:8786\ntls: {ca_file: ca.pem, cert: me.pem, key: me-key.pem}\n")), 2,
-         ("cluster.yaml", "tls.ca_file", "file not found")),
-    Case("cluster: nobody at the address", lambda c: c.run_out(cluster=c.cluster(
-        "scheduler: tcp://127.0.0.1:1\nconnect_timeout: 1\n")), 3, ("127.0.0.1:1", "not reachable")),  # port 1: no one
+    Case(
+        "cluster: a YAML list",
+        lambda c: c.run_out(cluster=c.cluster("- scheduler: tcp://x:1\n")),
+        2,
+        ("cluster.yaml", "must hold a YAML mapping"),
+    ),
+    Case(
+        "cluster: address without scheme",
+        lambda c: c.run_out(cluster=c.cluster("scheduler: localhost:8786\n")),
+        2,
+        ("cluster.yaml", "scheduler", "tcp://HOST:8786"),
+    ),
+    Case(
+        "cluster: negative timeout",
+        lambda c: c.run_out(cluster=c.cluster("connect_timeout: -1\n")),
+        2,
+        ("cluster.yaml", "connect_timeout", "positive"),
+    ),
+    Case(
+        "cluster: zero workers",
+        lambda c: c.run_out(cluster=c.cluster("local: {n_workers: 0}\n")),
+        2,
+        ("cluster.yaml", "local.n_workers", ">= 1"),
+    ),
+    Case(
+        "cluster: memory limit garbage",
+        lambda c: c.run_out(cluster=c.cluster("local: {memory_limit: lots}\n")),
+        2,
+        ("cluster.yaml", "memory_limit"),
+    ),
+    Case(
+        "cluster: TLS files missing",
+        lambda c: c.run_out(
+            cluster=c.cluster(
+                "scheduler: tls://127.0.0.1:8786\ntls: {ca_file: ca.pem, cert: me.pem, key: me-key.pem}\n"
+            )
+        ),
+        2,
+        ("cluster.yaml", "tls.ca_file", "file not found"),
+    ),
+    Case(
+        "cluster: nobody at the address",
+        lambda c: c.run_out(cluster=c.cluster("scheduler: tcp://127.0.0.1:1\nconnect_timeout: 1\n")),
+        3,
+        ("127.0.0.1:1", "not reachable"),
+    ),  # port 1: no one
     # stores
-    Case("store: another format version", lambda c: c.run_out(store=store_with_attrs(c, format="mnist-kmeans/2")), 2,
-         ("changed.zarr", "store format is 'mnist-kmeans/2'")),
-    Case("store: malformed checksums", lambda c: c.run_out(store=store_with_attrs(c, chunk_crc32={"train": "nope"})), 2,
-         ("changed.zarr", "chunk_crc32")),
+    Case(
+        "store: another format version",
+        lambda c: c.run_out(store=store_with_attrs(c, format="mnist-kmeans/2")),
+        2,
+        ("changed.zarr", "store format is 'mnist-kmeans/2'"),
+    ),
+    Case(
+        "store: malformed checksums",
+        lambda c: c.run_out(store=store_with_attrs(c, chunk_crc32={"train": "nope"})),
+        2,
+        ("changed.zarr", "chunk_crc32"),
+    ),
     Case("store: images not uint8", lambda c: c.run_out(store=store_of_floats(c)), 2, ("floats.zarr", "float64")),
-    Case("store: a Zarr v2 group asking for pickle", lambda c: c.run_out(store=v2_store_with_pickle(c)), 2,
-         ("evil-v2.zarr", "not an mnist-kmeans store")),
-    Case("store: a v3 array asking for pickle", lambda c: c.run_out(store=v3_store_with_codec(c, {"name": "numcodecs.pickle"})),
-         2, ("evil-v3.zarr", "not a valid mnist-kmeans store")),
+    Case(
+        "store: a Zarr v2 group asking for pickle",
+        lambda c: c.run_out(store=v2_store_with_pickle(c)),
+        2,
+        ("evil-v2.zarr", "not an mnist-kmeans store"),
+    ),
+    Case(
+        "store: a v3 array asking for pickle",
+        lambda c: c.run_out(store=v3_store_with_codec(c, {"name": "numcodecs.pickle"})),
+        2,
+        ("evil-v3.zarr", "not a valid mnist-kmeans store"),
+    ),
     Case("store: a regular file", lambda c: c.run_out(store=a_file(c)), 2, ("store-is-a-file.zarr", "not a directory")),
-    Case("store: a directory of other things", lambda c: c.run_out(store=a_directory_of_other_things(c)), 2,
-         ("photos", "not an mnist-kmeans store")),
+    Case(
+        "store: a directory of other things",
+        lambda c: c.run_out(store=a_directory_of_other_things(c)),
+        2,
+        ("photos", "not an mnist-kmeans store"),
+    ),
     # run directories
-    Case("resume: a run of another job", lambda c: [*c.run(), "--resume", str(fake_run_dir(c, job_with(name="theirs")))], 2,
-         ("old-run/job.yaml", "name='theirs'", "name='hostile'")),
-    Case("resume: a run on another store", lambda c: [*c.run(), "--resume", str(fake_run_dir(c, GOOD_JOB, ingest_id="0" * 32))],
-         2, ("old-run/manifest.json", "another store")),
+    Case(
+        "resume: a run of another job",
+        lambda c: [*c.run(), "--resume", str(fake_run_dir(c, job_with(name="theirs")))],
+        2,
+        ("old-run/job.yaml", "name='theirs'", "name='hostile'"),
+    ),
+    Case(
+        "resume: a run on another store",
+        lambda c: [*c.run(), "--resume", str(fake_run_dir(c, GOOD_JOB, ingest_id="0" * 32))],
+        2,
+        ("old-run/manifest.json", "another store"),
+    ),
     Case("resume: not a run directory", lambda c: [*c.run(), "--resume", str(c.tmp)], 2, ("not a run directory",)),
-    Case("resume: job.yaml not a mapping", lambda c: [*c.run(), "--resume", str(
-        (lambda d: (d / "job.yaml").write_text("[1, 2]\n") and d)(fake_run_dir(c, GOOD_JOB)))], 2,
-         ("old-run/job.yaml", "mapping")),
-    Case("resume: a checkpoint that claims more than it holds", lambda c: [*c.run(), "--resume", str(
-        fake_run_dir(c, GOOD_JOB, epochs_done=99))], 2, ("chains/k3/r0", "damaged checkpoint", "epochs_done = 99")),
-    Case("out: a directory that is not empty", lambda c: (c.out.mkdir(), (c.out / "mine.txt").write_text("x"),
-                                                          c.run_out())[2], 2, ("run", "not empty")),
-    Case("out: on a read-only file system", lambda c: [*c.run(), "--out", str(read_only_dir(c) / "run")], 2,
-         ("ro/run", "Read-only file system")),
+    Case(
+        "resume: job.yaml not a mapping",
+        lambda c: [
+            *c.run(),
+            "--resume",
+            str((lambda d: (d / "job.yaml").write_text("[1, 2]\n") and d)(fake_run_dir(c, GOOD_JOB))),
+        ],
+        2,
+        ("old-run/job.yaml", "mapping"),
+    ),
+    Case(
+        "resume: a checkpoint that claims more than it holds",
+        lambda c: [*c.run(), "--resume", str(fake_run_dir(c, GOOD_JOB, epochs_done=99))],
+        2,
+        ("chains/k3/r0", "damaged checkpoint", "epochs_done = 99"),
+    ),
+    Case(
+        "out: a directory that is not empty",
+        lambda c: (c.out.mkdir(), (c.out / "mine.txt").write_text("x"), c.run_out())[2],
+        2,
+        ("run", "not empty"),
+    ),
+    Case(
+        "out: on a read-only file system",
+        lambda c: [*c.run(), "--out", str(read_only_dir(c) / "run")],
+        2,
+        ("ro/run", "Read-only file system"),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input(
-    case: Case, kgrid_store: tuple[str, IdxDataset], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    case: Case,
+    kgrid_store: tuple[str, IdxDataset],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # a stray relative path would land here, not in the repository
@@ -306,8 +440,9 @@ def test_the_table_is_broad() -> None:
     assert len(CASES) >= 12 and {"job", "cluster", "store", "resume", "out"} <= kinds
 
 
-def test_a_batch_smaller_than_k_works(kgrid_store: tuple[str, IdxDataset], tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_batch_smaller_than_k_works(
+    kgrid_store: tuple[str, IdxDataset], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """K = 64 with batches of 16 rows: fine, because no ``partial_fit`` ever initialises a model here (see above)."""
     ctx = Ctx(tmp_path, kgrid_store[0])
     job = ctx.job(job_with(k_grid=[64], batch_size=16, report={"centroid_grids": [64]}))
@@ -323,17 +458,28 @@ def test_a_batch_smaller_than_k_works(kgrid_store: tuple[str, IdxDataset], tmp_p
 # --- nothing read back is unpickled -----------------------------------------------------------------------------------
 
 UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve", "torch"}
-UNSAFE_CALLS = {("yaml", "load"), ("yaml", "unsafe_load"), ("yaml", "full_load"), ("yaml", "Loader"),
-                ("yaml", "UnsafeLoader"), ("pd", "read_pickle"), ("pandas", "read_pickle")}
+UNSAFE_CALLS = {
+    ("yaml", "load"),
+    ("yaml", "unsafe_load"),
+    ("yaml", "full_load"),
+    ("yaml", "Loader"),
+    ("yaml", "UnsafeLoader"),
+    ("pd", "read_pickle"),
+    ("pandas", "read_pickle"),
+}
 
 
 def unpickling_uses(source: str, where: str = "<sample>") -> list[str]:
-    """Every import of a pickle-like loader, ``yaml.load``-like call, ``eval``/``exec`` or ``allow_pickle`` not False."""
+    """Every import of a pickle-like loader, ``yaml.load``-like call, ``eval``/``exec``, or ``allow_pickle`` not
+    False."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [f"{where}:{node.lineno}: import {a.name}" for a in node.names
-                      if a.name.split(".")[0] in UNPICKLING_MODULES]
+            found += [
+                f"{where}:{node.lineno}: import {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] in UNPICKLING_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNPICKLING_MODULES:
             found.append(f"{where}:{node.lineno}: from {node.module} import ...")
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):

@@ -1,4 +1,5 @@
-"""Ingest: IDX files (directory or http) -> the Zarr store of SPEC "The store"; bad input; interruption; re-ingest."""
+"""Ingest: IDX files (directory or http) -> a store (docs/contract.md, "Store layout"); bad input; interruption;
+re-ingest."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import (
+
+from mnist_kmeans.data.ingest import ingest
+from mnist_kmeans.data.store import CHECKSUM_ATTR, FORMAT, chunk_checksum, open_store, read_attrs
+from mnist_kmeans.errors import UserError
+from tests.helpers import (
     ALL_IDX_NAMES,
     IDX_NAMES,
     MNIST_DIR,
@@ -24,20 +29,13 @@ from conftest import (
     IdxDataset,
     idx_bytes,
     make_small_store,
+    quiet,
     run_cli,
     tree_snapshot,
     write_idx,
     write_idx_dataset,
     write_md5sums,
 )
-
-from mnist_kmeans.data.ingest import ingest
-from mnist_kmeans.data.store import FORMAT, open_store, read_attrs
-from mnist_kmeans.errors import UserError
-
-
-def quiet(line: str) -> None:
-    pass
 
 
 def rebuilt_md5(store: str, image_shape: tuple[int, int]) -> dict[str, str]:
@@ -52,7 +50,7 @@ def rebuilt_md5(store: str, image_shape: tuple[int, int]) -> dict[str, str]:
 
 
 def assert_store_holds(store: str, data: IdxDataset, chunk_rows: int) -> None:
-    """The store is complete and holds exactly ``data``, laid out as SPEC "The store" says."""
+    """The store is complete and holds exactly ``data``, laid out as docs/contract.md, "Store layout", says."""
     info = open_store(store)
     h, w = data.train_images.shape[1:]
     n_classes = int(max(data.train_labels.max(), data.test_labels.max())) + 1
@@ -342,3 +340,22 @@ def test_remote_store_is_written_in_place(tmp_path: Path) -> None:
     assert ingest(str(data.directory), url, log=quiet) == first
     assert ingest(str(data.directory), url, force=True, chunk_rows=16, log=quiet).ingest_id != first.ingest_id
     assert_store_holds(url, data, 16)
+
+
+# --- every chunk is written, with its checksum ----------------------------------------------------------------
+
+
+def test_ingest_writes_every_chunk_and_its_checksum_even_all_zero(tmp_path: Path) -> None:
+    data = write_idx_dataset(tmp_path / "idx", n_train=128, n_test=64, h=4, w=4, n_classes=2)
+    data.train_images[:64] = 0  # the first chunk of images is all zeros ...
+    data.train_labels[:64] = 0  # ... and so is the first chunk of labels
+    write_idx(tmp_path / "idx" / "train-images-idx3-ubyte", idx_bytes(data.train_images))
+    write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte", idx_bytes(data.train_labels))
+    store = str(tmp_path / "zero.zarr")
+    ingest(str(tmp_path / "idx"), store, chunk_rows=64, log=lambda line: None)
+    for path in ("train/images/c/0/0", "train/labels/c/0", "train/images/c/1/0", "test/labels/c/0"):
+        assert (Path(store) / path).is_file(), path
+    info = open_store(store)
+    sums = zarr.open_group(store, mode="r").attrs[CHECKSUM_ATTR]
+    assert sums["train"]["images"][0] == chunk_checksum(np.zeros((64, 16), np.uint8))
+    assert list(info.checksums["test"]["labels"]) == [chunk_checksum(data.test_labels)]

@@ -8,8 +8,8 @@
   epochs' checkpoint files untouched; a resume with another job file or store is refused (exit 2);
 - the ``dask scheduler`` SIGKILLed: ``run`` exits 3 within the client's reconnect timeout, with one line that holds
   the command to resume, and that very command finishes the job on a new cluster with the same centroids;
-- a store chunk lost mid-run (and missing, changed or undecodable chunks in general): exit 2 naming the store,
-  split, chunk and rows, never a result computed from a chunk that is not the one ingested;
+- a store chunk lost mid-run: exit 2 naming the store, split, chunk and rows, never a result computed from a chunk
+  that is not the one ingested (missing, changed or undecodable chunks in general: ``tests/test_store.py``);
 - the run directory's disk full mid-run (a small tmpfs, filled once an epoch is saved): exit 2 with one line naming
   the path, nothing that looks finished, and every epoch saved before it still valid.
 
@@ -23,9 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import shlex
-import shutil
 import signal
 import subprocess
 import time
@@ -37,17 +35,16 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from conftest import (
+
+from tests.helpers import (
     DaskCluster,
     IdxDataset,
     LiveRun,
     chain_progress,
-    idx_bytes,
+    copy_store,
     make_small_store,
     run_cli,
     tree_snapshot,
-    write_idx,
-    write_idx_dataset,
 )
 
 K_GRID = (4, 8)
@@ -82,12 +79,31 @@ class Setup:
     store: str
 
     def args(self, run_dir: Path, *more: str, job: Path | None = None, store: str | None = None) -> list[str]:
-        return ["run", str(job or self.job), "--cluster", str(self.cluster_file), "--store", store or self.store,
-                "--out", str(run_dir), *more]
+        return [
+            "run",
+            str(job or self.job),
+            "--cluster",
+            str(self.cluster_file),
+            "--store",
+            store or self.store,
+            "--out",
+            str(run_dir),
+            *more,
+        ]
 
     def resume_args(self, run_dir: Path, scheduler: str) -> list[str]:
-        return ["run", str(self.job), "--cluster", str(self.cluster_file), "--store", self.store,
-                "--resume", str(run_dir), "--scheduler", scheduler]
+        return [
+            "run",
+            str(self.job),
+            "--cluster",
+            str(self.cluster_file),
+            "--store",
+            self.store,
+            "--resume",
+            str(run_dir),
+            "--scheduler",
+            scheduler,
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +248,7 @@ def test_workers_lost_mid_run_one_for_good_one_replaced_same_centroids(
     assert [row["k"] for row in json.loads((run_dir / "metrics.json").read_text())["results"]] == list(K_GRID)
 
 
-# --- client loss: SIGKILL of `run`, then --resume on a new cluster -------------------------------------------------------
+# --- client loss: SIGKILL of `run`, then --resume on a new cluster ----------------------------------------------------
 
 
 @dataclass
@@ -285,8 +301,9 @@ def test_resume_with_another_job_or_store_is_refused(
     before = tree_snapshot(client_killed.run_dir)
     other_job = tmp_path / "other.yaml"
     other_job.write_text(job_text(epochs=EPOCHS + 1))
-    other_store, _ = make_small_store(tmp_path / "other-store", chunk_rows=500, n_train=3000, n_test=500, h=10, w=10,
-                                      n_classes=5, seed=12)
+    other_store, _ = make_small_store(
+        tmp_path / "other-store", chunk_rows=500, n_train=3000, n_test=500, h=10, w=10, n_classes=5, seed=12
+    )
     for args, names in (
         (["run", str(other_job), "--store", setup.store, "--resume", str(client_killed.run_dir)], "epochs"),
         (["run", str(setup.job), "--store", other_store, "--resume", str(client_killed.run_dir)], "store"),
@@ -365,18 +382,14 @@ def test_the_printed_resume_command_finishes_on_a_new_cluster_with_the_same_cent
 ) -> None:
     command = shlex.split(one_line(scheduler_killed.err).split("continue on any cluster with: ", 1)[1])
     assert command[:2] == ["mnist-kmeans", "run"], command
-    proc = run_cli(*command[1:], "--cluster", str(setup.cluster_file), "--scheduler", cluster_fresh.address,
-                   timeout=RUN_TIMEOUT)
+    proc = run_cli(
+        *command[1:], "--cluster", str(setup.cluster_file), "--scheduler", cluster_fresh.address, timeout=RUN_TIMEOUT
+    )
     ok(proc.returncode, proc.stdout, proc.stderr)
     assert_same_centroids(finals(scheduler_killed.run_dir), reference)
 
 
 # --- storage faults ---------------------------------------------------------------------------------------------------
-
-
-def copy_store(src: str, dst: Path) -> str:
-    shutil.copytree(src, dst)
-    return str(dst)
 
 
 def test_store_chunk_lost_mid_run_exits_2_naming_the_chunk(setup: Setup, tmp_path: Path) -> None:
@@ -395,110 +408,7 @@ def test_store_chunk_lost_mid_run_exits_2_naming_the_chunk(setup: Setup, tmp_pat
         assert not (run_dir / name).exists(), name
 
 
-@pytest.fixture
-def store_copy(setup: Setup, tmp_path: Path) -> str:
-    return copy_store(setup.store, tmp_path / "store.zarr")
-
-
-def load_error(store: str, split: str = "train", chunk: int = 3) -> str:
-    from mnist_kmeans.data.store import StoreError, clear_cache, load_chunk, open_store
-
-    clear_cache()
-    info = open_store(store)
-    with pytest.raises(StoreError) as caught:
-        load_chunk(info, split, chunk)
-    return str(caught.value)
-
-
-def test_a_changed_chunk_fails_its_checksum(store_copy: str) -> None:
-    group = zarr.open_group(store_copy, mode="r+", use_consolidated=False)
-    block = group["train/images"][1500:2000]
-    block[17, 3] ^= 1  # one bit of one pixel: decodes fine, reads as a valid image
-    group["train/images"][1500:2000] = block
-    message = load_error(store_copy)
-    assert message.startswith(f"{store_copy}: train chunk 3 (rows 1500-1999): the images chunk does not match its checksum")
-    assert "ingest --force" in message
-
-
-def test_an_undecodable_chunk_is_named(store_copy: str) -> None:
-    (Path(store_copy) / "test" / "labels" / "c" / "0").write_bytes(b"\x00garbage" * 10)
-    message = load_error(store_copy, "test", 0)
-    assert message.startswith(f"{store_copy}: test chunk 0 (rows 0-499): cannot read: "), message
-
-
-def test_a_sample_read_across_chunks_names_the_undecodable_one(store_copy: str) -> None:
-    """The k-means++ sample is read row by row across chunks (``read_rows_at``): its error names the chunk too."""
-    from mnist_kmeans.data.store import StoreError, read_rows_at
-
-    (Path(store_copy) / "train" / "images" / "c" / "4" / "0").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(StoreError, match=r"train chunk 4 \(rows 2000-2499\): cannot read: "):
-        read_rows_at(store_copy, "train", np.array([3, 700, 2100, 2900]))
-
-
-def test_a_missing_labels_chunk_is_named(store_copy: str) -> None:
-    (Path(store_copy) / "train" / "labels" / "c" / "5").unlink()
-    assert "train chunk 5 (rows 2500-2999): the labels chunk is missing from the store" in load_error(store_copy, chunk=5)
-
-
-def test_a_store_without_checksums_still_detects_a_missing_images_chunk(store_copy: str) -> None:
-    """Stores ingested before checksums existed are read (verified when present); a lost images chunk is caught."""
-    from mnist_kmeans.data.store import CHECKSUM_ATTR, clear_cache, load_chunk, open_store
-
-    group = zarr.open_group(store_copy, mode="r+", use_consolidated=False)
-    attrs = dict(group.attrs)
-    del attrs[CHECKSUM_ATTR]
-    group.attrs.put(attrs)
-    clear_cache()
-    info = open_store(store_copy)
-    assert info.checksums == {}
-    load_chunk(info, "train", 3)  # intact: read as before
-    clear_cache()
-    (Path(store_copy) / "train" / "images" / "c" / "3" / "0").unlink()
-    message = load_error(store_copy)
-    assert "train chunk 3 (rows 1500-1999): the images chunk is missing" in message and "--force" in message
-
-
-def test_store_error_travels_between_processes_as_itself() -> None:
-    """Dask pickles a task's exception on the worker and raises it on the client: it must stay a StoreError."""
-    from mnist_kmeans.data.store import StoreError
-    from mnist_kmeans.errors import UserError
-
-    err = StoreError("s.zarr: train chunk 3 (rows 1500-1999): the images chunk is missing from the store")
-    back = pickle.loads(pickle.dumps(err))
-    assert type(back) is StoreError and isinstance(back, UserError) and str(back) == str(err)
-
-
-def test_ingest_writes_every_chunk_and_its_checksum_even_all_zero(tmp_path: Path) -> None:
-    from mnist_kmeans.data.ingest import ingest
-    from mnist_kmeans.data.store import CHECKSUM_ATTR, chunk_checksum, open_store
-
-    data = write_idx_dataset(tmp_path / "idx", n_train=128, n_test=64, h=4, w=4, n_classes=2)
-    data.train_images[:64] = 0  # the first chunk of images is all zeros ...
-    data.train_labels[:64] = 0  # ... and so is the first chunk of labels
-    write_idx(tmp_path / "idx" / "train-images-idx3-ubyte", idx_bytes(data.train_images))
-    write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte", idx_bytes(data.train_labels))
-    store = str(tmp_path / "zero.zarr")
-    ingest(str(tmp_path / "idx"), store, chunk_rows=64, log=lambda line: None)
-    for path in ("train/images/c/0/0", "train/labels/c/0", "train/images/c/1/0", "test/labels/c/0"):
-        assert (Path(store) / path).is_file(), path
-    info = open_store(store)
-    sums = zarr.open_group(store, mode="r").attrs[CHECKSUM_ATTR]
-    assert sums["train"]["images"][0] == chunk_checksum(np.zeros((64, 16), np.uint8))
-    assert list(info.checksums["test"]["labels"]) == [chunk_checksum(data.test_labels)]
-
-
-def test_checksum_costs_little_beside_decoding() -> None:
-    """The check runs on every cache miss: on a 10,000-row MNIST-sized chunk it must stay in the milliseconds."""
-    from mnist_kmeans.data.store import chunk_checksum
-
-    block = np.random.default_rng(0).integers(0, 256, size=(10_000, 784), dtype=np.uint8)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        chunk_checksum(block)
-    assert (time.perf_counter() - t0) / 5 < 0.05  # ~7 ms here; generous for a loaded machine
-
-
-# --- a full disk under the run directory --------------------------------------------------------------------------------
+# --- a full disk under the run directory ------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -506,7 +416,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs mounted for the test (root only; skipped where mounting is not allowed)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): the full-disk test needs root in a VM")
     try:
@@ -558,20 +470,3 @@ def test_run_directory_disk_full_mid_run_exits_2_keeps_what_was_saved_and_resume
     proc = run_cli(*setup.resume_args(run_dir, cluster_fresh.address), timeout=RUN_TIMEOUT)
     ok(proc.returncode, proc.stdout, proc.stderr)
     assert_same_centroids(finals(run_dir), reference)
-
-
-def test_a_chain_made_in_part_counts_as_nothing_saved(tmp_path: Path) -> None:
-    """A full disk or a SIGKILL can stop ``centroids.zarr`` between a chain's group and its arrays (both seen in the
-    runs above): a resume counts that chain as nothing saved and starts it anew."""
-    from mnist_kmeans.checkpoint import Checkpoint
-    from mnist_kmeans.fit import ChainState
-
-    ckpt = Checkpoint.create(tmp_path / "centroids.zarr", (10, 10))
-    ckpt.group.create_group("chains/k3/r0", attributes={"epochs_done": 0, "lloyd_done": 0,
-                                                         "n_since_last_reassign": [], "n_steps": []})
-    ckpt = Checkpoint.open(tmp_path / "centroids.zarr")
-    assert ckpt.progress(3, 0) == (0, 0) and ckpt.epoch_centers(3, 0).shape[0] == 0
-    state = ChainState(3, 0, 1, 0, np.ones((3, 100), np.float32), np.ones(3, np.float32), 2, 5)
-    ckpt.save_epoch(state, 2, 1)
-    again = Checkpoint.open(tmp_path / "centroids.zarr")
-    assert again.progress(3, 0) == (1, 0) and again.load_state(3, 0).n_steps == 5

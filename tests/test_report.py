@@ -1,4 +1,4 @@
-"""The report layer alone: ``render_report`` on a run directory built by ``tests/report_fixture.py``.
+"""The report layer alone: ``render_report`` on a run directory built by ``tests/report_data.py``.
 
 No cluster and no store: the fixture fits scikit-learn's 8x8 digits in memory and writes the run-directory files.
 """
@@ -9,8 +9,6 @@ import base64
 import json
 import os
 import shutil
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,16 +16,23 @@ import numpy as np
 import pytest
 
 from mnist_kmeans.errors import UserError
-from mnist_kmeans.report import figures
-from mnist_kmeans.report.html import confusion_from_contingency, render_report
-
-sys.path.insert(0, str(Path(__file__).parent))
-from report_fixture import make_run_dir  # noqa: E402
+from mnist_kmeans.report import figures, render_report
+from mnist_kmeans.report.gallery import confusion_from_contingency
+from tests.helpers import run_cli
+from tests.report_data import make_run_dir
 
 KS = (4, 8, 16)
 HOSTILE = "fixture <script>alert(1)</script> & co"
-EXPECTED_FIGURES = {"training_digits", "inertia_vs_k", "scores_vs_k", "centroids_k4", "centroids_k8",
-                    "centroids_k16", "misclassified", "inertia_per_epoch"}  # + confusion_test_k{best}
+EXPECTED_FIGURES = {
+    "training_digits",
+    "inertia_vs_k",
+    "scores_vs_k",
+    "centroids_k4",
+    "centroids_k8",
+    "centroids_k16",
+    "misclassified",
+    "inertia_per_epoch",
+}  # + confusion_test_k{best}
 CHROMIUM = os.environ.get("MNIST_KMEANS_CHROMIUM", "/usr/bin/chromium")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -151,7 +156,7 @@ def test_report_holds_every_part(rendered: tuple[Path, str, _Page]) -> None:
     # metrics table: one row per K, every metric shown
     rows = [r for r in page.rows["metrics"] if r and r[0].split()[0].isdigit()]
     assert [int(r[0].split()[0]) for r in rows] == list(KS)
-    for r, res in zip(rows, metrics["results"]):
+    for r, res in zip(rows, metrics["results"], strict=True):
         assert f"{res['homogeneity']:.4f}" in r and f"{res['ari']:.4f}" in r and f"{res['nmi']:.4f}" in r
         assert f"{100 * res['accuracy_train']:.2f} %" in r and f"{100 * res['accuracy_test']:.2f} %" in r
     # the seed notebook's table beside this run
@@ -297,16 +302,25 @@ def test_every_figure_is_a_png() -> None:
 
 def test_report_opens_in_headless_chromium(rendered: tuple[Path, str, _Page]) -> None:
     # Not skipped when Chromium is missing: scripts/setup.sh --test installs it, and CI must not pass without it.
-    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: run `bash scripts/setup.sh --test` (or set MNIST_KMEANS_CHROMIUM)"
+    assert Path(CHROMIUM).exists(), (
+        f"no Chromium at {CHROMIUM}: run `bash scripts/setup.sh --test` (or set MNIST_KMEANS_CHROMIUM)"
+    )
     from playwright import sync_api
+
     run = rendered[0]
     errors: list[str] = []
     requests: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
             page = browser.new_page()
@@ -317,7 +331,8 @@ def test_report_opens_in_headless_chromium(rendered: tuple[Path, str, _Page]) ->
             page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=10_000)
             images = page.evaluate(
                 "Array.from(document.images).map(i => [i.complete && i.naturalWidth > 0, i.naturalWidth,"
-                " i.naturalHeight, i.alt])")
+                " i.naturalHeight, i.alt])"
+            )
             title = page.title()
         finally:
             browser.close()
@@ -331,18 +346,15 @@ def test_report_opens_in_headless_chromium(rendered: tuple[Path, str, _Page]) ->
 # -------------------------------------------------------------------------------------------- the command
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mnist_kmeans", *args], capture_output=True, text=True, timeout=120)
-
-
 def test_report_command_renders_again(rendered: tuple[Path, str, _Page], tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(rendered[0], run)
     (run / "report.html").unlink()
     shutil.rmtree(run / "figures")
-    proc = _cli("report", str(run))
+    proc = run_cli("report", str(run))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(run / "report.html")
+
     # the same page as render_report gave (the copy differs only in its own path; manifest.json keeps the original)
     def norm(html: str) -> str:
         return html.replace(str(run), "RUN").replace(str(rendered[0]), "RUN")
@@ -354,7 +366,7 @@ def test_report_command_renders_again(rendered: tuple[Path, str, _Page], tmp_pat
 def test_report_command_on_a_broken_run_exits_2_with_one_line(tmp_path: Path) -> None:
     run = make_run_dir(tmp_path / "run", ks=(3,), epochs=1)
     (run / "metrics.json").unlink()
-    proc = _cli("report", str(run))
+    proc = run_cli("report", str(run))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "metrics.json" in lines[0] and "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
-"""`mnist-kmeans run`: the distributed K-grid job end to end, on real clusters (SPEC "Commands", "The run directory").
+"""`mnist-kmeans run`: the distributed K-grid job end to end, on real clusters (docs/contract.md, "Commands",
+"Run directory").
 
 Everything is real: a Zarr store made by the package's ingest, the command line in a child process, an embedded
 ``LocalCluster`` or a ``dask scheduler`` + two ``dask worker`` processes on 127.0.0.1, run directories in tmp_path.
@@ -23,10 +24,10 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from conftest import REPO_ROOT, IdxDataset, chain_progress, loopback_port, run_cli, stop_session, tree_snapshot
 from sklearn import metrics as skm
 
 from mnist_kmeans.cli import main
+from tests.helpers import REPO_ROOT, IdxDataset, chain_progress, loopback_port, run_cli, stop_session, tree_snapshot
 
 K_GRID = (3, 6)
 EPOCHS = 4
@@ -36,8 +37,18 @@ SCREEN_ROWS = 1000  # restarts compared after 2 of the 6 training chunks
 SEED = 3
 CLUSTER_FILE = 'local: {n_workers: 2, threads_per_worker: 1, memory_limit: 2GiB, dashboard_address: "127.0.0.1:0"}\n'
 SPEC_RESULT_KEYS = {
-    "k", "inertia", "homogeneity", "completeness", "v_measure", "ari", "nmi", "accuracy_train", "accuracy_test",
-    "n_empty_clusters", "epochs", "fit_seconds",
+    "k",
+    "inertia",
+    "homogeneity",
+    "completeness",
+    "v_measure",
+    "ari",
+    "nmi",
+    "accuracy_train",
+    "accuracy_test",
+    "n_empty_clusters",
+    "epochs",
+    "fit_seconds",
 }
 SPEC_TIMINGS = {"cluster_start_s", "ingest_s", "fit_s", "evaluate_s", "report_s", "total_s"}
 SPEC_CLUSTER = {"scheduler", "n_workers", "threads", "dashboard"}
@@ -101,7 +112,9 @@ def finals(run_dir: Path) -> dict[int, np.ndarray]:
 
 
 def assert_ok(run: Run) -> None:
-    assert run.proc.returncode == 0, f"exit {run.proc.returncode}\nstdout:\n{run.proc.stdout}\nstderr:\n{run.proc.stderr}"
+    assert run.proc.returncode == 0, (
+        f"exit {run.proc.returncode}\nstdout:\n{run.proc.stdout}\nstderr:\n{run.proc.stderr}"
+    )
 
 
 def assert_same_centroids(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> None:
@@ -135,7 +148,14 @@ def test_run_prints_dashboard_then_report_path(local_run: Run) -> None:
 
 def test_run_directory_holds_every_file(local_run: Run, setup: Setup) -> None:
     d = local_run.run_dir
-    for name in ("report.html", "metrics.json", "label_maps.json", "dask-performance.html", "job.yaml", "manifest.json"):
+    for name in (
+        "report.html",
+        "metrics.json",
+        "label_maps.json",
+        "dask-performance.html",
+        "job.yaml",
+        "manifest.json",
+    ):
         assert (d / name).is_file() and (d / name).stat().st_size > 0, name
     assert (d / "centroids.zarr").is_dir()
     pngs = sorted((d / "figures").glob("*.png"))
@@ -188,14 +208,27 @@ def test_metrics_json_schema_and_values(local_run: Run, setup: Setup) -> None:
     data = setup.data
     assert metrics["job"] == "kgrid-test"
     assert metrics["dataset"]["store"] == setup.store
-    assert (metrics["dataset"]["n_train"], metrics["dataset"]["n_test"], metrics["dataset"]["n_classes"]) == (3000, 500, 5)
+    assert (metrics["dataset"]["n_train"], metrics["dataset"]["n_test"], metrics["dataset"]["n_classes"]) == (
+        3000,
+        500,
+        5,
+    )
     results = metrics["results"]
     assert [row["k"] for row in results] == sorted(K_GRID)  # one entry per K, ascending
     for row in results:
-        assert SPEC_RESULT_KEYS <= set(row), SPEC_RESULT_KEYS - set(row)
+        assert set(row) >= SPEC_RESULT_KEYS, SPEC_RESULT_KEYS - set(row)
         assert type(row["k"]) is int and type(row["n_empty_clusters"]) is int and row["epochs"] == EPOCHS
-        for key in ("inertia", "homogeneity", "completeness", "v_measure", "ari", "nmi", "accuracy_train",
-                    "accuracy_test", "fit_seconds"):
+        for key in (
+            "inertia",
+            "homogeneity",
+            "completeness",
+            "v_measure",
+            "ari",
+            "nmi",
+            "accuracy_train",
+            "accuracy_test",
+            "fit_seconds",
+        ):
             assert isinstance(row[key], float) and np.isfinite(row[key]), key
         for key in ("homogeneity", "completeness", "v_measure", "nmi", "accuracy_train", "accuracy_test"):
             assert -1e-9 <= row[key] <= 1 + 1e-9, key  # (sklearn's entropies can round to 1 + 1e-16)
@@ -209,7 +242,7 @@ def test_metrics_json_schema_and_values(local_run: Run, setup: Setup) -> None:
     assert (metrics["cluster"]["n_workers"], metrics["cluster"]["threads"]) == (2, 2)
     assert metrics["cluster"]["dashboard"].startswith("http://")
 
-    # The numbers are SPEC's, recomputed here from the data and the saved centroids in float64.
+    # The numbers are those docs/contract.md defines, recomputed here from the data and the saved centroids in float64.
     maps = json.loads((d / "label_maps.json").read_text())
     assert set(maps) == {str(k) for k in K_GRID}
     cents = finals(d)
@@ -278,10 +311,6 @@ def test_same_job_same_seed_same_centroids(local_run: Run, setup: Setup) -> None
 # --- (b) an external cluster: `dask scheduler` + `dask worker` processes --------------------------------------------
 
 
-# the helpers of tests/conftest.py under the names this file uses
-free_port, kill_group = loopback_port, stop_session
-
-
 @dataclass
 class ExternalCluster:
     address: str
@@ -294,34 +323,68 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exter
 
     root = tmp_path_factory.mktemp("dask-cluster")
     bindir = Path(sys.executable).parent
-    port = free_port()
+    port = loopback_port()
     address = f"tcp://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> None:
         log = open(root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process below
-        procs.append(subprocess.Popen(
-            [str(bindir / "dask"), *args], cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [str(bindir / "dask"), *args],
+                cwd=root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         log.close()
 
     try:
-        start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-              "--dashboard-address", "127.0.0.1:0", "--idle-timeout", "900")
+        start(
+            "scheduler",
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--idle-timeout",
+            "900",
+        )
         for i in range(2):
-            start(f"worker{i}", "worker", address, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "2GiB",
-                  "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", "--death-timeout", "120",
-                  "--local-directory", str(root / f"worker{i}"))
+            start(
+                f"worker{i}",
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                "1",
+                "--memory-limit",
+                "2GiB",
+                "--host",
+                "127.0.0.1",
+                "--dashboard-address",
+                "127.0.0.1:0",
+                "--death-timeout",
+                "120",
+                "--local-directory",
+                str(root / f"worker{i}"),
+            )
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=90)
             assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
         yield ExternalCluster(address, procs)
     finally:
         for proc in reversed(procs):
-            kill_group(proc)
+            stop_session(proc)
 
 
-def test_external_cluster_gives_the_same_centroids(local_run: Run, setup: Setup, external_cluster: ExternalCluster) -> None:
+def test_external_cluster_gives_the_same_centroids(
+    local_run: Run, setup: Setup, external_cluster: ExternalCluster
+) -> None:
     run = run_job_cli(setup, setup.root / "run-external", "--scheduler", external_cluster.address)
     assert_ok(run)
     assert_same_centroids(finals(run.run_dir), finals(local_run.run_dir))
@@ -358,7 +421,11 @@ def interrupt_after_first_epoch(setup: Setup, job: Path, run_dir: Path) -> Inter
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mnist_kmeans", *setup.run_args(job, "--out", str(run_dir))],
-            cwd=REPO_ROOT, stdout=fo, stderr=fe, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            cwd=REPO_ROOT,
+            stdout=fo,
+            stderr=fe,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
         )
     if ignored:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -371,7 +438,7 @@ def interrupt_after_first_epoch(setup: Setup, job: Path, run_dir: Path) -> Inter
             time.sleep(0.02)
         proc.wait(timeout=60)
     finally:
-        kill_group(proc)
+        stop_session(proc)
     epochs = yaml.safe_load(job.read_text())["epochs"]
     return Interrupted(epochs, job, run_dir, proc.returncode, out.read_text(), err.read_text(), chain_progress(run_dir))
 
@@ -465,7 +532,12 @@ BAD_JOB_FILES = [
 
 @pytest.mark.parametrize(("text", "key"), BAD_JOB_FILES)
 def test_bad_job_file_exits_2(
-    text: str, key: str, setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    text: str,
+    key: str,
+    setup: Setup,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     job = tmp_path / "bad-job.yaml"
@@ -497,11 +569,19 @@ def test_k_larger_than_the_training_split_exits_2(
     [
         (CLUSTER_FILE + "workers: 2\n", "workers"),
         ('local: {n_workers: -1, dashboard_address: "127.0.0.1:0"}\n', "n_workers"),
-        ("scheduler: tls://127.0.0.1:8786\ntls: {ca_file: nope-ca.pem, cert: nope.pem, key: nope-key.pem}\n", "ca_file"),
+        (
+            "scheduler: tls://127.0.0.1:8786\ntls: {ca_file: nope-ca.pem, cert: nope.pem, key: nope-key.pem}\n",
+            "ca_file",
+        ),
     ],
 )
 def test_bad_cluster_file_exits_2(
-    text: str, key: str, setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    text: str,
+    key: str,
+    setup: Setup,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     cluster = tmp_path / "bad-cluster.yaml"
@@ -580,7 +660,7 @@ def unreachable(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Unrea
     root = tmp_path_factory.mktemp("unreachable")
     cluster = root / "cluster.yaml"
     cluster.write_text("connect_timeout: 2\n")
-    address = f"tcp://127.0.0.1:{free_port()}"
+    address = f"tcp://127.0.0.1:{loopback_port()}"
     out = root / "run"
     t0 = time.perf_counter()
     proc = run_cli(*unreachable_args(setup, cluster, address, "--out", str(out)), timeout=60)
@@ -615,7 +695,8 @@ def test_the_client_never_imports_scikit_learn() -> None:
     there would cost about two seconds of every run (README, "Performance"). A child process, for a clean import."""
     code = (
         "import sys\n"
-        "import mnist_kmeans.cli, mnist_kmeans.run, mnist_kmeans.schedule, mnist_kmeans.cluster, mnist_kmeans.report.html\n"
+        "import mnist_kmeans.cli, mnist_kmeans.run, mnist_kmeans.schedule, mnist_kmeans.cluster\n"
+        "import mnist_kmeans.report.html\n"
         "from mnist_kmeans.run import _versions\n"
         "assert _versions()['scikit-learn'][0].isdigit()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'dask_ml')))\n"

@@ -7,6 +7,7 @@ restarts compete on their first two chunks.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,9 @@ def plan_for(info: StoreInfo) -> FitPlan:
 
 
 @pytest.fixture(scope="module")
-def reference(client: Client, info: StoreInfo, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, KResult]]:
+def reference(
+    client: Client, info: StoreInfo, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[int, KResult]]:
     path = tmp_path_factory.mktemp("schedule") / "centroids.zarr"
     results = run_chains(client, plan_for(info), Checkpoint.create(path, info.image_shape))
     return path, {r.k: r for r in results}
@@ -66,7 +69,7 @@ def test_only_the_restart_ahead_at_the_screening_goes_on(reference, info: StoreI
         assert ckpt.chain_attrs(k, r.restart)["screen_inertia"] == r.restart_inertia
         assert len(r.trajectory) == EPOCHS + LLOYD and r.trajectory[-1] == r.train.inertia
         lloyd = r.trajectory[EPOCHS - 1 :]  # a Lloyd step never raises the inertia (up to float32 rounding)
-        assert all(b <= a * (1 + 1e-6) for a, b in zip(lloyd, lloyd[1:])), (k, r.trajectory)
+        assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(lloyd)), (k, r.trajectory)
         assert r.train.counts.sum() == info.n_train and r.test.counts.sum() == info.n_test
 
 
@@ -90,7 +93,9 @@ def test_screening_inertia_is_the_exact_training_inertia_after_the_first_chunks(
         assert results[k].restart_inertia[restart] == pytest.approx(ssd, rel=1e-6)
 
 
-def test_resume_from_a_mix_of_stages_gives_the_same_centroids(client, reference, info: StoreInfo, tmp_path: Path) -> None:
+def test_resume_from_a_mix_of_stages_gives_the_same_centroids(
+    client, reference, info: StoreInfo, tmp_path: Path
+) -> None:
     """K=3 resumed after its first Lloyd step, K=5 after its first epoch, K=8 with nothing saved (screened anew):
     the passes of the grid line up differently, the results must not change by a bit."""
     path, results = reference

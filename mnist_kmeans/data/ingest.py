@@ -19,7 +19,6 @@ An ingest:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import zarr
@@ -37,9 +36,8 @@ from mnist_kmeans.data.store import (
     open_store,
 )
 from mnist_kmeans.data.staging import existing_store, local_path, staging
-from mnist_kmeans.errors import UserError
+from mnist_kmeans.errors import Log, UserError
 
-Log = Callable[[str], None]
 # A chunk is what a worker decodes and then holds as float32 (4x its bytes): 1 GiB of uint8 is far beyond any sane
 # choice, and stays below Blosc's 2 GiB limit per buffer.
 MAX_CHUNK_BYTES = 1 << 30

@@ -1,4 +1,4 @@
-"""Where IDX files come from (SPEC "Sources"), and which checksums they must match.
+"""Where IDX files come from (docs/contract.md, "Sources"), and which checksums they must match.
 
 A source is a directory or an http(s) base URL holding the four standard names, each raw or ``.gz``. A directory
 prefers the raw file when both exist (nothing to decompress); a URL is tried as ``.gz`` first (fewer bytes to move).

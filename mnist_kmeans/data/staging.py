@@ -13,14 +13,12 @@ import glob
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mnist_kmeans.data.store import FORMAT, is_remote, read_attrs
-from mnist_kmeans.errors import UserError
-
-Log = Callable[[str], None]
+from mnist_kmeans.errors import Log, UserError
 
 
 def local_path(store: str) -> Path | None:

@@ -1,4 +1,4 @@
-"""The Zarr v3 store layout (SPEC "The store"): open only when complete, read one chunk.
+"""The Zarr v3 store layout (docs/contract.md, "The store"): open only when complete, read one chunk.
 
 Layout::
 
@@ -22,10 +22,7 @@ re-ingest with ``--force``.
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from mnist_kmeans.errors import UserError
+from mnist_kmeans.data.chunk_cache import CACHE
+from mnist_kmeans.errors import UserError, one_line
 
 FORMAT = "mnist-kmeans/1"
 SPLITS = ("train", "test")
@@ -119,28 +117,11 @@ def open_store(url: str) -> StoreInfo:
     if attrs.get("format") != FORMAT:
         raise UserError(f"{url}: store format is {attrs.get('format')!r}, this version reads {FORMAT!r}")
     if attrs.get("complete") is not True:
-        raise UserError(f"{url}: store is incomplete (an ingest was interrupted); run `mnist-kmeans ingest --store {url}` again")
+        raise UserError(
+            f"{url}: store is incomplete (an ingest was interrupted); run `mnist-kmeans ingest --store {url}` again"
+        )
     try:
-        group = _open_group(url)
-        arrays = {(split, name): group[f"{split}/{name}"] for split in SPLITS for name in ("images", "labels")}
-        h, w = (int(v) for v in attrs["image_shape"])
-        if h < 1 or w < 1:
-            raise ValueError(f"image_shape is {h}x{w}")
-        chunk_rows = int(arrays["train", "images"].chunks[0])
-        for (split, name), array in arrays.items():
-            if not isinstance(array, zarr.Array):
-                raise ValueError(f"{split}/{name} is not an array")
-            if array.dtype != np.uint8:
-                raise ValueError(f"{split}/{name} has dtype {array.dtype}, not uint8")
-            shape, chunks = (h * w,), (chunk_rows, h * w)
-            if name == "labels":
-                shape, chunks = (), (chunk_rows,)
-            if array.ndim != len(chunks) or array.shape[1:] != shape or array.chunks != chunks:
-                raise ValueError(f"{split}/{name} has shape {array.shape} in chunks {array.chunks}, expected "
-                                 f"(rows, {h * w}) in chunks of {chunk_rows} rows for images of {h}x{w}")
-        for split in SPLITS:
-            if arrays[split, "labels"].shape[0] != arrays[split, "images"].shape[0]:
-                raise ValueError(f"{split}: images and labels have different numbers of rows")
+        arrays, (h, w), chunk_rows = _checked_arrays(_open_group(url), attrs)
         md5 = attrs.get("md5", {})
         if not isinstance(md5, dict):
             raise ValueError("attribute md5 is not a mapping")
@@ -163,6 +144,35 @@ def open_store(url: str) -> StoreInfo:
         raise
     except Exception as exc:
         raise UserError(f"{url}: not a valid mnist-kmeans store: {type(exc).__name__}: {exc}") from None
+
+
+def _checked_arrays(
+    group: zarr.Group, attrs: dict[str, Any]
+) -> tuple[dict[tuple[str, str], zarr.Array], tuple[int, int], int]:
+    """The four arrays ``{(split, name): array}``, the image shape and the chunk rows, checked against the layout
+    above; a ``ValueError`` (or whatever reading them raises) says what does not fit."""
+    arrays = {(split, name): group[f"{split}/{name}"] for split in SPLITS for name in ("images", "labels")}
+    h, w = (int(v) for v in attrs["image_shape"])
+    if h < 1 or w < 1:
+        raise ValueError(f"image_shape is {h}x{w}")
+    chunk_rows = int(arrays["train", "images"].chunks[0])
+    for (split, name), array in arrays.items():
+        if not isinstance(array, zarr.Array):
+            raise ValueError(f"{split}/{name} is not an array")
+        if array.dtype != np.uint8:
+            raise ValueError(f"{split}/{name} has dtype {array.dtype}, not uint8")
+        shape, chunks = (h * w,), (chunk_rows, h * w)
+        if name == "labels":
+            shape, chunks = (), (chunk_rows,)
+        if array.ndim != len(chunks) or array.shape[1:] != shape or array.chunks != chunks:
+            raise ValueError(
+                f"{split}/{name} has shape {array.shape} in chunks {array.chunks}, expected "
+                f"(rows, {h * w}) in chunks of {chunk_rows} rows for images of {h}x{w}"
+            )
+    for split in SPLITS:
+        if arrays[split, "labels"].shape[0] != arrays[split, "images"].shape[0]:
+            raise ValueError(f"{split}: images and labels have different numbers of rows")
+    return arrays, (h, w), chunk_rows
 
 
 def _checksums_of(attrs: dict[str, Any], info: StoreInfo) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -202,7 +212,8 @@ def read_rows(url: str, split: str, start: int, stop: int) -> tuple[np.ndarray, 
     try:
         return _rows_of(url, split, start, stop)
     except Exception as exc:
-        raise StoreError(f"{url}: {split} rows {start}-{stop - 1}: cannot read: {_reason(exc)}") from None
+        reason = one_line(exc, with_type=True)
+        raise StoreError(f"{url}: {split} rows {start}-{stop - 1}: cannot read: {reason}") from None
 
 
 def read_rows_at(url: str, split: str, rows: np.ndarray) -> np.ndarray:
@@ -224,12 +235,7 @@ def read_rows_at(url: str, split: str, rows: np.ndarray) -> np.ndarray:
                     break
         except Exception:  # the store itself is unreadable: the rows are all we can name
             pass
-        raise StoreError(f"{where}: cannot read: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        raise StoreError(f"{where}: cannot read: {one_line(exc, with_type=True)}") from None
 
 
 def _chunk_where(info: StoreInfo, split: str, index: int) -> str:
@@ -269,31 +275,32 @@ def verify_chunk(info: StoreInfo, split: str, index: int, images: np.ndarray, la
         )
 
 
-# --- the worker-side chunk cache --------------------------------------------------------------------------
-# Every (K, restart) chain visits every chunk once per epoch. Without a cache, a worker would read and decode the
-# same chunk once per chain; with it, once per worker while it fits in the budget. Bounded in bytes, so that a
-# store of millions of rows streams through at constant memory. Keyed by the store's ingest_id, so a rebuilt
-# store is never served from a stale cache.
-
-CACHE_BYTES = int(os.environ.get("MNIST_KMEANS_CHUNK_CACHE_MB", "256")) * 2**20
-_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-_cache_lock = threading.Lock()
-_cache_size = 0
+# --- the read of one chunk by a task ------------------------------------------------------------------------------
 
 
 def load_chunk(info: StoreInfo, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk ``index`` of a split: images as float32 in [0, 1] (x / 255) and labels; cached per process.
+    """Chunk ``index`` of a split: images as float32 in [0, 1] (x / 255) and labels; cached per process
+    (:mod:`mnist_kmeans.data.chunk_cache`).
 
     Every read from the store is verified (:func:`verify_chunk`); a chunk that is missing, unreadable or changed is a
     :class:`StoreError` naming the store, split, chunk and rows. The returned arrays are shared with the cache:
     callers must not modify them.
     """
-    global _cache_size
     key = (info.url, info.ingest_id, split, index)
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
+    cached = CACHE.get(key)
+    if cached is not None:
+        return cached
+    images, labels = _read_verified(info, split, index)
+    x = np.divide(images, np.float32(255), dtype=np.float32)  # exactly x / 255 in float32: every result depends on it
+    x.flags.writeable = False
+    labels.flags.writeable = False
+    chunk = (x, labels)
+    CACHE.put(key, chunk)
+    return chunk
+
+
+def _read_verified(info: StoreInfo, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk ``index`` of a split as stored, checked by :func:`verify_chunk`; any failure is a StoreError."""
     start, stop = info.chunks(split)[index]
     try:
         images, labels = _rows_of(info.url, split, start, stop)
@@ -301,27 +308,8 @@ def load_chunk(info: StoreInfo, split: str, index: int) -> tuple[np.ndarray, np.
     except StoreError:
         raise
     except Exception as exc:  # unreadable: permissions, a chunk that does not decode, a store gone, a network error
-        raise StoreError(f"{_chunk_where(info, split, index)}: cannot read: {_reason(exc)}") from None
-    x = np.divide(images, np.float32(255), dtype=np.float32)  # exactly x / 255, as the seed notebook scales
-    x.flags.writeable = False
-    labels.flags.writeable = False
-    item = (x, labels)
-    nbytes = x.nbytes + labels.nbytes
-    with _cache_lock:
-        if nbytes <= CACHE_BYTES and key not in _cache:
-            _cache[key] = item
-            _cache_size += nbytes
-            while _cache_size > CACHE_BYTES:
-                _, (ox, oy) = _cache.popitem(last=False)
-                _cache_size -= ox.nbytes + oy.nbytes
-    return item
-
-
-def clear_cache() -> None:
-    global _cache_size
-    with _cache_lock:
-        _cache.clear()
-        _cache_size = 0
+        raise StoreError(f"{_chunk_where(info, split, index)}: cannot read: {one_line(exc, with_type=True)}") from None
+    return images, labels
 
 
 # --- the write side (ingest, augment) -----------------------------------------------------------------------------
@@ -338,7 +326,9 @@ def create_store(url: str, attributes: dict[str, Any], overwrite: bool = False) 
     return zarr.create_group(store=str(url), zarr_format=3, attributes=attrs, overwrite=overwrite)
 
 
-def create_split(group: zarr.Group, split: str, n_rows: int, n_features: int, chunk_rows: int) -> tuple[zarr.Array, zarr.Array]:
+def create_split(
+    group: zarr.Group, split: str, n_rows: int, n_features: int, chunk_rows: int
+) -> tuple[zarr.Array, zarr.Array]:
     """The empty ``images`` and ``labels`` arrays of one split, chunked by rows as the layout above says."""
     # write_empty_chunks: every chunk gets an object, also one of all zeros, so that "no object" always means damage
     config = {"write_empty_chunks": True}

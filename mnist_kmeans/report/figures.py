@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import io
 import math
-from functools import lru_cache
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator, NullLocator, PercentFormatter
+from PIL import Image
 
 DPI = 100
 # A small palette that stays readable in print and for common colour-vision deficiencies (Okabe-Ito).
 BLUE, ORANGE, GREEN, RED, PURPLE, GREY = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#8C8C8C"
 INK, MUTED, FRAME = "#1f2328", "#57606a", "#d0d7de"
+_FRAME_RGB = np.array([int(FRAME[i : i + 2], 16) / 255.0 for i in (1, 3, 5)])
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -126,30 +127,39 @@ def _mosaic(
     Rasterised directly with numpy (tiles scaled by a whole factor, so pixels stay square and crisp) and each
     distinct title drawn once by Agg: a 256-tile grid takes tens of milliseconds instead of seconds of text layout.
     """
-    n, h, w = images.shape
-    ncols = max(1, min(ncols, n))
-    nrows = max(1, math.ceil(n / ncols))
-    scale = max(1, round(tile_in * dpi / w))  # output pixels per image pixel
-    th, tw = h * scale, w * scale
-    pad = max(3, round(0.12 * tw))
+    n_tiles, height, width = images.shape
+    ncols = max(1, min(ncols, n_tiles))
+    nrows = max(1, math.ceil(n_tiles / ncols))
+    scale = max(1, round(tile_in * dpi / width))  # output pixels per image pixel
+    tile_h, tile_w = height * scale, width * scale
+    pad = max(3, round(0.12 * tile_w))
     band = math.ceil((fontsize * 1.3 * title_lines + 5) * dpi / 72)  # room for the title above each tile
-    cell_w, cell_h = tw + 2 * pad, band + th + pad
+    cell_w, cell_h = tile_w + 2 * pad, band + tile_h + pad
     top = pad  # a margin above the first row of titles
     canvas = np.ones((top + nrows * cell_h + pad, ncols * cell_w, 3), dtype=np.float64)
-    frame = np.array([int(FRAME[i : i + 2], 16) / 255.0 for i in (1, 3, 5)])
     gap = max(2, round(2.5 * dpi / 72))
-    for i in range(n):
-        r, c = divmod(i, ncols)
-        y0, x0 = top + r * cell_h + band, c * cell_w + pad
-        # 1-pixel frame just outside the tile, then the tile itself
-        canvas[y0 - 1 : y0 + th + 1, x0 - 1 : x0 + tw + 1] = frame
-        tile = 1.0 - np.repeat(np.repeat(images[i], scale, axis=0), scale, axis=1)
-        canvas[y0 : y0 + th, x0 : x0 + tw] = tile[..., None]
+    for i in range(n_tiles):
+        row, col = divmod(i, ncols)
+        y0, x0 = top + row * cell_h + band, col * cell_w + pad
+        _put_tile(canvas, images[i], y0, x0, scale)
         if i < len(titles):
-            _paste(canvas, _text_bitmap(titles[i], float(fontsize), colors[i], dpi), x0 + tw // 2, y0 - gap)
+            _paste(canvas, _text_bitmap(titles[i], float(fontsize), colors[i], dpi), x0 + tile_w // 2, y0 - gap)
+    return _rgb_png(canvas, dpi)
+
+
+def _put_tile(canvas: np.ndarray, image: np.ndarray, y0: int, x0: int, scale: int) -> None:
+    """``image`` (float (H, W) in [0, 1]) as dark ink on white at row ``y0``, column ``x0``, each pixel
+    ``scale`` x ``scale``, with a 1-pixel frame just outside it."""
+    tile = 1.0 - np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    tile_h, tile_w = tile.shape
+    canvas[y0 - 1 : y0 + tile_h + 1, x0 - 1 : x0 + tile_w + 1] = _FRAME_RGB
+    canvas[y0 : y0 + tile_h, x0 : x0 + tile_w] = tile[..., None]
+
+
+def _rgb_png(canvas: np.ndarray, dpi: int) -> bytes:
+    """A float RGB array in [0, 1] as PNG bytes."""
     buf = io.BytesIO()
-    Image.fromarray(np.round(canvas * 255.0).astype(np.uint8), mode="RGB").save(buf, format="png",
-                                                                                 dpi=(dpi, dpi))
+    Image.fromarray(np.round(canvas * 255.0).astype(np.uint8), mode="RGB").save(buf, format="png", dpi=(dpi, dpi))
     return buf.getvalue()
 
 
@@ -218,27 +228,43 @@ def scores_vs_k(
         _k_axis(ax, sorted(set(ks) | set(seed or ())))
         ax.set_ylim(0, 1.02)
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
-    left.plot(ks, homogeneity, marker="o", color=BLUE, linewidth=2, label="homogeneity")
-    left.plot(ks, accuracy_train, marker="^", color=ORANGE, linewidth=2, label="accuracy, train")
-    left.plot(ks, accuracy_test, marker="v", color=RED, linewidth=2, label="accuracy, test")
-    if seed:
-        sk = sorted(seed)
-        left.plot(sk, [seed[k][0] for k in sk], linestyle="--", color=BLUE, alpha=0.5, label="seed homogeneity")
-        left.plot(sk, [seed[k][1] for k in sk], linestyle="--", color=ORANGE, alpha=0.5, label="seed accuracy, train")
-    left.text(0, 1.01, "both rise with K by construction", transform=left.transAxes, fontsize=9,
-              color=MUTED, style="italic", va="bottom")
-    # pad leaves a line between the title and the note under it
-    left.set_title("Homogeneity and accuracy", loc="left", fontsize=12, color=INK, pad=16)
-    left.legend(frameon=False, fontsize=9, loc="best")
-
-    right.plot(ks, ari, marker="o", color=GREEN, linewidth=2, label="adjusted Rand index (ARI)")
-    right.plot(ks, nmi, marker="s", color=PURPLE, linewidth=2, label="normalized mutual information (NMI)")
-    right.set_title("ARI and NMI", loc="left", fontsize=12, color=INK, pad=16)
-    right.text(0, 1.01, "fair across K: more clusters are not rewarded for free", transform=right.transAxes,
-               fontsize=9, color=MUTED, style="italic", va="bottom")
-    right.legend(frameon=False, fontsize=9, loc="best")
+    _homogeneity_panel(left, ks, homogeneity, accuracy_train, accuracy_test, seed)
+    _agreement_panel(right, ks, ari, nmi)
     fig.tight_layout()
     return _png(fig)
+
+
+def _homogeneity_panel(
+    ax,
+    ks: Sequence[int],
+    homogeneity: Sequence[float],
+    accuracy_train: Sequence[float],
+    accuracy_test: Sequence[float],
+    seed: Mapping[int, tuple[float, float]] | None,
+) -> None:
+    """The left panel of :func:`scores_vs_k`: the scores that rise with K by construction."""
+    ax.plot(ks, homogeneity, marker="o", color=BLUE, linewidth=2, label="homogeneity")
+    ax.plot(ks, accuracy_train, marker="^", color=ORANGE, linewidth=2, label="accuracy, train")
+    ax.plot(ks, accuracy_test, marker="v", color=RED, linewidth=2, label="accuracy, test")
+    if seed:
+        sk = sorted(seed)
+        ax.plot(sk, [seed[k][0] for k in sk], linestyle="--", color=BLUE, alpha=0.5, label="seed homogeneity")
+        ax.plot(sk, [seed[k][1] for k in sk], linestyle="--", color=ORANGE, alpha=0.5, label="seed accuracy, train")
+    ax.text(0, 1.01, "both rise with K by construction", transform=ax.transAxes, fontsize=9,
+            color=MUTED, style="italic", va="bottom")
+    # pad leaves a line between the title and the note under it
+    ax.set_title("Homogeneity and accuracy", loc="left", fontsize=12, color=INK, pad=16)
+    ax.legend(frameon=False, fontsize=9, loc="best")
+
+
+def _agreement_panel(ax, ks: Sequence[int], ari: Sequence[float], nmi: Sequence[float]) -> None:
+    """The right panel of :func:`scores_vs_k`: ARI and NMI, fair across K."""
+    ax.plot(ks, ari, marker="o", color=GREEN, linewidth=2, label="adjusted Rand index (ARI)")
+    ax.plot(ks, nmi, marker="s", color=PURPLE, linewidth=2, label="normalized mutual information (NMI)")
+    ax.set_title("ARI and NMI", loc="left", fontsize=12, color=INK, pad=16)
+    ax.text(0, 1.01, "fair across K: more clusters are not rewarded for free", transform=ax.transAxes,
+            fontsize=9, color=MUTED, style="italic", va="bottom")
+    ax.legend(frameon=False, fontsize=9, loc="best")
 
 
 def centroid_grid(
@@ -283,9 +309,9 @@ def confusion_matrix(
     Cells are shaded by their share of the true class's rows, so a class's recall reads as the darkness of its
     diagonal cell whatever the class sizes. Counts are written in the cells while the matrix is small enough.
     """
-    m = np.asarray(counts, dtype=np.int64)
-    n_true, n_pred = m.shape
-    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    matrix = np.asarray(counts, dtype=np.int64)
+    n_true, n_pred = matrix.shape
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = min(9.0, max(4.5, 0.55 * max(n_true, n_pred) + 1.8))
     fig = _figure(side + 0.9, side, dpi)
     ax = fig.add_subplot()
@@ -301,19 +327,30 @@ def confusion_matrix(
     for spine in ax.spines.values():
         spine.set_visible(False)
     if max(n_true, n_pred) <= 20:
-        fs = 8 if max(n_true, n_pred) > 12 else 9
-        for i in range(n_true):
-            for j in range(n_pred):
-                if m[i, j]:
-                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=fs,
-                            color="white" if share[i, j] > 0.55 else INK)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.045, pad=0.03, format=PercentFormatter(xmax=1.0, decimals=0))
-    cbar.ax.tick_params(labelsize=8, colors=MUTED, labelcolor=INK)
-    cbar.set_label("share of the true class's rows", fontsize=9, color=INK)
-    cbar.outline.set_visible(False)
+        _write_counts(ax, matrix, share)
+    _share_colorbar(fig, ax, im)
     ax.set_title(title, loc="left", fontsize=12, color=INK)
     fig.tight_layout()
     return _png(fig)
+
+
+def _write_counts(ax, matrix: np.ndarray, share: np.ndarray) -> None:
+    """Each non-zero count in its cell, white on the dark cells."""
+    n_true, n_pred = matrix.shape
+    fontsize = 8 if max(n_true, n_pred) > 12 else 9
+    for i in range(n_true):
+        for j in range(n_pred):
+            if matrix[i, j]:
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=fontsize,
+                        color="white" if share[i, j] > 0.55 else INK)
+
+
+def _share_colorbar(fig: Figure, ax, image) -> None:
+    """The colour bar of a confusion matrix: the share of the true class's rows, in percent."""
+    cbar = fig.colorbar(image, ax=ax, fraction=0.045, pad=0.03, format=PercentFormatter(xmax=1.0, decimals=0))
+    cbar.ax.tick_params(labelsize=8, colors=MUTED, labelcolor=INK)
+    cbar.set_label("share of the true class's rows", fontsize=9, color=INK)
+    cbar.outline.set_visible(False)
 
 
 def misclassified_gallery(
@@ -329,7 +366,7 @@ def misclassified_gallery(
     cluster).
     """
     imgs = _as_unit_images(images)
-    titles = [f"true {int(t)} \u2192 {'none' if p is None else int(p)}" for t, p in zip(true, pred)]
+    titles = [f"true {int(t)} \u2192 {'none' if p is None else int(p)}" for t, p in zip(true, pred, strict=False)]
     return _mosaic(imgs, titles, [RED] * len(titles), ncols=8, tile_in=1.1, fontsize=9, dpi=dpi)
 
 
@@ -347,9 +384,27 @@ def inertia_per_epoch(
     fig = _figure(11.0, 4.2, dpi)
     left, right = fig.subplots(1, 2)
     ks = sorted(curves)
+    n_max = _plot_curves(left, right, curves)
+    extended = epochs is not None and n_max > epochs
+    for ax in (left, right):
+        _pass_axis(ax, n_max, epochs if extended else None)
+    left.yaxis.set_major_formatter(EngFormatter(sep=""))
+    left.set_ylabel("inertia (training split)", color=INK, fontsize=10)
+    left.set_title(f"Inertia after each {'pass' if extended else 'epoch'}", loc="left", fontsize=12, color=INK)
+    right.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
+    right.set_ylabel("above the last value", color=INK, fontsize=10)
+    right.set_title("Relative to the last value", loc="left", fontsize=12, color=INK)
+    right.legend(frameon=False, fontsize=8, ncols=2 if len(ks) > 4 else 1, loc="upper right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _plot_curves(left, right, curves: Mapping[int, Sequence[float]]) -> int:
+    """Each K's inertia after each pass on ``left``, relative to its last one on ``right``; returns the most passes."""
+    ks = sorted(curves)
     colors = colormaps["viridis"](np.linspace(0.0, 0.85, max(len(ks), 1)))
     n_max = 1
-    for color, k in zip(colors, ks):
+    for color, k in zip(colors, ks, strict=False):  # one colour even for no curve
         ys = np.asarray(curves[k], dtype=np.float64)
         if ys.size == 0:
             continue
@@ -359,23 +414,16 @@ def inertia_per_epoch(
         left.plot(xs, ys, color=color, linewidth=1.8, label=f"K={k}", **marker)
         rel = ys / ys[-1] - 1.0 if ys[-1] else np.zeros_like(ys)
         right.plot(xs, rel, color=color, linewidth=1.8, label=f"K={k}", **marker)
-    for ax in (left, right):
-        _style(ax, grid_axis="both")
-        ax.set_xlabel("pass over the training split" if epochs is not None and n_max > epochs else "epoch",
-                      color=INK, fontsize=10)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlim(0.7, n_max + 0.3)
-        if epochs is not None and n_max > epochs:
-            ax.axvline(epochs + 0.5, color=GREY, linestyle=":", linewidth=1.2)
-            ax.text(epochs + 0.6, 1.0, "after the epochs", transform=ax.get_xaxis_transform(), fontsize=8,
-                    color=MUTED, va="top")
-    left.yaxis.set_major_formatter(EngFormatter(sep=""))
-    left.set_ylabel("inertia (training split)", color=INK, fontsize=10)
-    extended = epochs is not None and n_max > epochs
-    left.set_title(f"Inertia after each {'pass' if extended else 'epoch'}", loc="left", fontsize=12, color=INK)
-    right.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
-    right.set_ylabel("above the last value", color=INK, fontsize=10)
-    right.set_title("Relative to the last value", loc="left", fontsize=12, color=INK)
-    right.legend(frameon=False, fontsize=8, ncols=2 if len(ks) > 4 else 1, loc="upper right")
-    fig.tight_layout()
-    return _png(fig)
+    return n_max
+
+
+def _pass_axis(ax, n_max: int, epochs: int | None) -> None:
+    """Whole passes 1..``n_max`` on the x axis; ``epochs``, when given, marks where the epochs end."""
+    _style(ax, grid_axis="both")
+    ax.set_xlabel("pass over the training split" if epochs is not None else "epoch", color=INK, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.7, n_max + 0.3)
+    if epochs is not None:
+        ax.axvline(epochs + 0.5, color=GREY, linestyle=":", linewidth=1.2)
+        ax.text(epochs + 0.6, 1.0, "after the epochs", transform=ax.get_xaxis_transform(), fontsize=8,
+                color=MUTED, va="top")

@@ -127,22 +127,24 @@ def make_run_dir(
         lmap: list[int | None] = [int(row.argmax()) if row.sum() else None for row in c_train]
         lookup = np.array([-1 if v is None else v for v in lmap])
         p_train, p_test = lookup[a_train], lookup[a_test]
-        results.append({
-            "k": k,
-            "inertia": inertia,
-            "homogeneity": float(skm.homogeneity_score(y_train, a_train)),
-            "completeness": float(skm.completeness_score(y_train, a_train)),
-            "v_measure": float(skm.v_measure_score(y_train, a_train)),
-            "ari": float(skm.adjusted_rand_score(y_train, a_train)),
-            "nmi": float(skm.normalized_mutual_info_score(y_train, a_train)),
-            "accuracy_train": float((p_train == y_train).mean()),
-            "accuracy_test": float((p_test == y_test).mean()),
-            "n_empty_clusters": int(sum(v is None for v in lmap)),
-            "epochs": epochs,
-            "fit_seconds": round(fit_seconds, 4),
-            "inertia_per_epoch": curve,
-            "n_init": n_init,
-        })
+        results.append(
+            {
+                "k": k,
+                "inertia": inertia,
+                "homogeneity": float(skm.homogeneity_score(y_train, a_train)),
+                "completeness": float(skm.completeness_score(y_train, a_train)),
+                "v_measure": float(skm.v_measure_score(y_train, a_train)),
+                "ari": float(skm.adjusted_rand_score(y_train, a_train)),
+                "nmi": float(skm.normalized_mutual_info_score(y_train, a_train)),
+                "accuracy_train": float((p_train == y_train).mean()),
+                "accuracy_test": float((p_test == y_test).mean()),
+                "n_empty_clusters": int(sum(v is None for v in lmap)),
+                "epochs": epochs,
+                "fit_seconds": round(fit_seconds, 4),
+                "inertia_per_epoch": curve,
+                "n_init": n_init,
+            }
+        )
         label_maps[str(k)] = lmap
         contingency[str(k)] = {"train": c_train.tolist(), "test": c_test.tolist()}
         finals[k], epoch_snaps[k], test_pred[k] = final, np.stack(snaps), p_test
@@ -162,43 +164,75 @@ def make_run_dir(
     first.attrs["labels"] = [int(v) for v in y_train[:9]]
     wrong = np.flatnonzero(test_pred[best_k] != y_test)[:32]
     mis = samples.create_array("misclassified", data=pixels[n_train:][wrong].reshape(len(wrong), h, w))
-    mis.attrs.update({
-        "true": [int(v) for v in y_test[wrong]],
-        "pred": [None if test_pred[best_k][i] < 0 else int(test_pred[best_k][i]) for i in wrong],
-        "k": best_k,
-    })
+    mis.attrs.update(
+        {
+            "true": [int(v) for v in y_test[wrong]],
+            "pred": [None if test_pred[best_k][i] < 0 else int(test_pred[best_k][i]) for i in wrong],
+            "k": best_k,
+        }
+    )
 
     store = "data/digits & co.zarr"
-    cluster = {"scheduler": "tcp://127.0.0.1:40321", "n_workers": 2, "threads": 4,
-               "dashboard": "http://127.0.0.1:8787/status"}
-    md5 = {"train-images-idx3-ubyte": hashlib.md5(pixels[:n_train].tobytes()).hexdigest(),
-           "train-labels-idx1-ubyte": hashlib.md5(y_train.astype(np.uint8).tobytes()).hexdigest(),
-           "t10k-images-idx3-ubyte": hashlib.md5(pixels[n_train:].tobytes()).hexdigest(),
-           "t10k-labels-idx1-ubyte": hashlib.md5(y_test.astype(np.uint8).tobytes()).hexdigest()}
+    cluster = {
+        "scheduler": "tcp://127.0.0.1:40321",
+        "n_workers": 2,
+        "threads": 4,
+        "dashboard": "http://127.0.0.1:8787/status",
+    }
+    md5 = {
+        "train-images-idx3-ubyte": hashlib.md5(pixels[:n_train].tobytes()).hexdigest(),
+        "train-labels-idx1-ubyte": hashlib.md5(y_train.astype(np.uint8).tobytes()).hexdigest(),
+        "t10k-images-idx3-ubyte": hashlib.md5(pixels[n_train:].tobytes()).hexdigest(),
+        "t10k-labels-idx1-ubyte": hashlib.md5(y_test.astype(np.uint8).tobytes()).hexdigest(),
+    }
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     metrics = {
         "job": name,
         "started_utc": started,
         "best_k": best_k,
-        "dataset": {"store": store, "n_train": int(len(y_train)), "n_test": int(len(y_test)),
-                    "n_classes": n_classes, "image_shape": [h, w]},
+        "dataset": {
+            "store": store,
+            "n_train": int(len(y_train)),
+            "n_test": int(len(y_test)),
+            "n_classes": n_classes,
+            "image_shape": [h, w],
+        },
         "results": results,
         "inertia_per_epoch_note": "exact: a full pass over the training split after each epoch (test fixture)",
-        "timings": {"cluster_start_s": 0.8, "ingest_s": 0.0, "fit_s": round(fit_s, 3), "evaluate_s": 0.05,
-                    "report_s": 0.0, "total_s": round(time.perf_counter() - t0 + 0.85, 3)},
+        "timings": {
+            "cluster_start_s": 0.8,
+            "ingest_s": 0.0,
+            "fit_s": round(fit_s, 3),
+            "evaluate_s": 0.05,
+            "report_s": 0.0,
+            "total_s": round(time.perf_counter() - t0 + 0.85, 3),
+        },
         "cluster": cluster,
     }
     manifest = {
-        "versions": {"python": platform.python_version(), "mnist_kmeans": "0.1.0", "dask": "fixture",
-                     "numpy": np.__version__, "scikit-learn": sklearn.__version__, "zarr": zarr.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "mnist_kmeans": "0.1.0",
+            "dask": "fixture",
+            "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__,
+            "zarr": zarr.__version__,
+        },
         "command": ["mnist-kmeans", "run", "jobs/fixture.yaml", "--out", str(run), "--store", store],
         "cluster": cluster,
         "data": {"store": store, "source": "sklearn.datasets.load_digits", "md5": md5},
         "started_utc": started,
     }
-    job = {"name": name, "store": store, "k_grid": ks, "epochs": epochs, "batch_size": BATCH_SIZE,
-           "n_init": n_init, "seed": seed,
-           "report": {"centroid_grids": list(centroid_grids if centroid_grids is not None else ks)}}
+    job = {
+        "name": name,
+        "store": store,
+        "k_grid": ks,
+        "epochs": epochs,
+        "batch_size": BATCH_SIZE,
+        "n_init": n_init,
+        "seed": seed,
+        "report": {"centroid_grids": list(centroid_grids if centroid_grids is not None else ks)},
+    }
 
     def dump(name_: str, obj: Any) -> None:
         (run / name_).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
@@ -210,12 +244,14 @@ def make_run_dir(
     (run / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False, allow_unicode=True), encoding="utf-8")
     if performance_report:
         (run / "dask-performance.html").write_text(
-            "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Dask performance report</title></head>"
-            "<body><p>stand-in for Dask's performance_report</p></body></html>\n", encoding="utf-8")
+            '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Dask performance report</title></head>'
+            "<body><p>stand-in for Dask's performance_report</p></body></html>\n",
+            encoding="utf-8",
+        )
     return run
 
 
-if __name__ == "__main__":  # python tests/report_fixture.py DIR [K ...]: a run directory to look at by hand
+if __name__ == "__main__":  # python -m tests.report_data DIR [K ...]: a run directory to look at by hand
     import sys
 
     out = make_run_dir(sys.argv[1], ks=[int(v) for v in sys.argv[2:]] or (4, 8))

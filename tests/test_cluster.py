@@ -1,5 +1,5 @@
-"""Exposure: a job over TLS between real processes, clients without the right certificates refused (exit 3), and an
-embedded cluster that listens on loopback only.
+"""The cluster's exposure (``cluster.connect``): a job over TLS between real processes, clients without the right
+certificates refused (exit 3), and an embedded cluster that listens on loopback only.
 
 The certificates are made here with ``cryptography``: a CA, one certificate for the scheduler and workers and one for
 the client (both for 127.0.0.1 and localhost, signed by the CA), and an intruder's certificate signed by another CA.
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DaskCluster, IdxDataset, run_cli
+
+from tests.helpers import REPO_ROOT, DaskCluster, IdxDataset, run_cli
 
 JOB = {"name": "tls", "k_grid": [3], "epochs": 1, "batch_size": 100, "n_init": 1, "lloyd_steps": 0, "seed": 1}
 
@@ -35,7 +36,7 @@ def make_ca(cn: str):  # noqa: ANN201 - (key, certificate)
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -47,8 +48,14 @@ def make_ca(cn: str):  # noqa: ANN201 - (key, certificate)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
@@ -66,7 +73,7 @@ def make_leaf(ca_key, ca_cert, cn: str):  # noqa: ANN001, ANN201
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -94,7 +101,9 @@ def write_pem(directory: Path, name: str, key, cert) -> None:  # noqa: ANN001
     (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     if key is not None:
         (directory / f"{name}-key.pem").write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
         (directory / f"{name}-key.pem").chmod(0o600)
 
@@ -146,8 +155,17 @@ def test_job_runs_over_tls(
 ) -> None:
     assert tls_cluster.address.startswith("tls://")
     cfile = cluster_file(certs, tls_cluster.address, ("client.pem", "client-key.pem"))
-    proc = run_cli("run", str(job_file), "--cluster", str(cfile), "--store", kgrid_store[0], "--out", str(tmp_path / "run"),
-                   timeout=300)
+    proc = run_cli(
+        "run",
+        str(job_file),
+        "--cluster",
+        str(cfile),
+        "--store",
+        kgrid_store[0],
+        "--out",
+        str(tmp_path / "run"),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["cluster"]["scheduler"] == tls_cluster.address
@@ -164,13 +182,29 @@ def test_job_runs_over_tls(
     ],
 )
 def test_client_without_trusted_certificate_is_refused(
-    case: str, tls: tuple[str, str] | None, scheme: str, says: str, certs: Path, tls_cluster: DaskCluster,
-    job_file: Path, kgrid_store: tuple[str, IdxDataset], tmp_path: Path,
+    case: str,
+    tls: tuple[str, str] | None,
+    scheme: str,
+    says: str,
+    certs: Path,
+    tls_cluster: DaskCluster,
+    job_file: Path,
+    kgrid_store: tuple[str, IdxDataset],
+    tmp_path: Path,
 ) -> None:
     address = tls_cluster.address.replace("tls://", f"{scheme}://")
     cfile = cluster_file(certs, address, tls)
-    proc = run_cli("run", str(job_file), "--cluster", str(cfile), "--store", kgrid_store[0], "--out", str(tmp_path / "run"),
-                   timeout=120)
+    proc = run_cli(
+        "run",
+        str(job_file),
+        "--cluster",
+        str(cfile),
+        "--store",
+        kgrid_store[0],
+        "--out",
+        str(tmp_path / "run"),
+        timeout=120,
+    )
     assert proc.returncode == 3, f"{case}: exit {proc.returncode}\n{proc.stderr}"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -186,8 +220,6 @@ def test_embedded_cluster_listens_on_loopback_only() -> None:
     from mnist_kmeans.config import ClusterConfig, LocalClusterConfig, load_cluster
 
     assert LocalClusterConfig().dashboard_address.startswith("127.0.0.1:")
-    from conftest import REPO_ROOT
-
     assert load_cluster(REPO_ROOT / "cluster.yaml").local.dashboard_address.startswith("127.0.0.1:")
 
     me = psutil.Process()
@@ -202,8 +234,11 @@ def test_embedded_cluster_listens_on_loopback_only() -> None:
         return out
 
     before = listening([me, *me.children(recursive=True)])  # this session's other clusters are not ours
-    cfg = ClusterConfig(local=LocalClusterConfig(n_workers=1, threads_per_worker=1, memory_limit="1GiB",
-                                                 dashboard_address="127.0.0.1:0"))
+    cfg = ClusterConfig(
+        local=LocalClusterConfig(
+            n_workers=1, threads_per_worker=1, memory_limit="1GiB", dashboard_address="127.0.0.1:0"
+        )
+    )
     with connect(cfg) as (client, info):
         opened = listening([me, *me.children(recursive=True)]) - before
         assert info.scheduler.startswith("tcp://127.0.0.1:")

@@ -1,0 +1,68 @@
+"""The fit's status line: one line on a terminal (stderr), rewritten as results arrive (``schedule.run_chains``)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+
+class KStatus(Protocol):
+    """What the status line reads of one K's record while its tasks run."""
+
+    @property
+    def fit_tasks(self) -> int:
+        """partial_fit tasks of the K in all, its screening's included."""
+
+    @property
+    def fit_done(self) -> int:
+        """partial_fit tasks of the K finished."""
+
+    @property
+    def epochs_measured(self) -> bool:
+        """Whether the inertia after its epochs is known (its Lloyd steps, if any, are under way)."""
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether its test statistics are known."""
+
+
+class Progress:
+    """One status line on a terminal (stderr); silent when stderr is not a terminal.
+
+    The line shows the share of the grid's partial_fit tasks finished and each K's stage: epochs done
+    (``"1/2 ep"``), ``"lloyd"`` once its epochs are measured, ``"done"`` once it is evaluated. It is rewritten at
+    most every ``min_interval`` seconds, unless forced.
+    """
+
+    def __init__(self, stream: Any = None, min_interval: float = 0.2):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.min_interval, self.last = min_interval, 0.0
+
+    def update(self, records: Mapping[int, KStatus], epochs: int, force: bool = False) -> None:
+        """Rewrite the line from each K's record (``records``: K -> record) of a fit of ``epochs`` epochs."""
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < self.min_interval):
+            return
+        self.last = now
+        stages = "  ".join(f"K={k} {_stage(record, epochs)}" for k, record in sorted(records.items()))
+        total = sum(record.fit_tasks for record in records.values())
+        percent = 100 * sum(record.fit_done for record in records.values()) // max(total, 1)
+        self.stream.write(f"\rfit {percent:3d}% of epochs | " + stages + "\033[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the line (a terminal's next output starts below it)."""
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _stage(record: KStatus, epochs: int) -> str:
+    if record.evaluated:
+        return "done"
+    if record.epochs_measured:
+        return "lloyd"
+    return f"{epochs * record.fit_done // max(record.fit_tasks, 1)}/{epochs} ep"

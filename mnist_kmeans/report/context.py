@@ -1,0 +1,189 @@
+"""The template's variables: :func:`build_context` turns a run and its figures into what ``report.html.j2`` shows.
+
+Every number is already formatted here (:mod:`.formatting`), so the template only places text; every text is
+left raw for the template to escape. The page's sections each have one helper: the metrics table, the comparison
+with the seed notebook, the cluster and data set, the timings and the run's provenance (``manifest.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import mnist_kmeans
+from mnist_kmeans.reference import comparable_with_seed
+from mnist_kmeans.report.formatting import MISSING, flatten, fmt_big, fmt_int, fmt_num, fmt_pct, fmt_secs, fmt_value
+from mnist_kmeans.report.gallery import ReportFigure
+from mnist_kmeans.report.rundir import RunData
+from mnist_kmeans.report.values import is_num
+
+
+def _metric_row(result: Mapping[str, Any], best_k: int) -> dict[str, Any]:
+    """One row of the metrics table: the numbers of one K."""
+    return {
+        "k": result["k"],
+        "best": result["k"] == best_k,
+        "inertia": fmt_big(result["inertia"]),
+        "homogeneity": fmt_num(result["homogeneity"]),
+        "completeness": fmt_num(result.get("completeness")),
+        "v_measure": fmt_num(result.get("v_measure")),
+        "ari": fmt_num(result["ari"]),
+        "nmi": fmt_num(result["nmi"]),
+        "accuracy_train": fmt_pct(result["accuracy_train"]),
+        "accuracy_test": fmt_pct(result["accuracy_test"]),
+        "n_empty_clusters": fmt_int(result.get("n_empty_clusters")),
+        "epochs": fmt_int(result.get("epochs")),
+        "n_init": fmt_int(result.get("n_init")),
+        "fit_seconds": fmt_secs(result.get("fit_seconds")),
+    }
+
+
+def _most_accurate(results: list[dict]) -> dict[str, Any]:
+    """The K with the highest test accuracy: what a reader who wants a classifier looks for."""
+    top = max(results, key=lambda r: (r["accuracy_test"], -r["k"]))
+    return {"k": top["k"], "accuracy_test": fmt_pct(top["accuracy_test"])}
+
+
+def _best_scores(run: RunData) -> dict[str, str]:
+    """The headline numbers of the best K."""
+    best = next(r for r in run.results if r["k"] == run.best_k)
+    return {"accuracy_test": fmt_pct(best["accuracy_test"]), "accuracy_train": fmt_pct(best["accuracy_train"]),
+            "ari": fmt_num(best["ari"], 3), "nmi": fmt_num(best["nmi"], 3)}
+
+
+# ------------------------------------------------------------------------------------ the seed notebook
+
+
+def _delta(run: float | None, seed: float | None, *, higher_is_better: bool, pct: bool, relative: bool) -> dict:
+    """A signed difference (run - seed) for the comparison table, with a class saying whether it is an improvement."""
+    if run is None or seed is None:
+        return {"text": MISSING, "cls": ""}
+    diff = (run - seed) / seed if relative else run - seed
+    text = f"{100 * diff:+.1f} %" if relative else (f"{100 * diff:+.2f} pp" if pct else f"{diff:+.4f}")
+    better = diff > 0 if higher_is_better else diff < 0
+    return {"text": text, "cls": "" if abs(diff) < 1e-12 else ("better" if better else "worse")}
+
+
+def _seed_row(seed: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    """One K of the comparison: (seed, this run, difference) for inertia, homogeneity and train accuracy."""
+    return {
+        "k": seed["k"],
+        "in_run": bool(result),
+        "inertia": (fmt_big(seed["inertia"]), fmt_big(result.get("inertia")),
+                    _delta(result.get("inertia"), seed["inertia"], higher_is_better=False, pct=False, relative=True)),
+        "homogeneity": (fmt_num(seed["homogeneity"]), fmt_num(result.get("homogeneity")),
+                        _delta(result.get("homogeneity"), seed["homogeneity"], higher_is_better=True, pct=False,
+                               relative=False)),
+        "accuracy": (fmt_pct(seed["accuracy_train"]), fmt_pct(result.get("accuracy_train")),
+                     _delta(result.get("accuracy_train"), seed["accuracy_train"], higher_is_better=True, pct=True,
+                            relative=False)),
+    }
+
+
+def _comparison(run: RunData, seed_table: Mapping[str, Any]) -> dict[str, Any]:
+    """The section comparing this run with the seed notebook's published table."""
+    by_k = {r["k"]: r for r in run.results}
+    seed_results = seed_table.get("results", [])
+    seed_test = seed_table.get("test_accuracy_k256")
+    return {
+        "rows": [_seed_row(s, by_k.get(int(s["k"]), {})) for s in sorted(seed_results, key=lambda r: r["k"])],
+        "source": seed_table.get("source", ""),
+        "split": seed_table.get("split", ""),
+        "note": seed_table.get("note", ""),
+        "comparable": comparable_with_seed(run.metrics.get("dataset", {})),
+        "only_in_run": [k for k in by_k if k not in {int(s["k"]) for s in seed_results}],
+        "test_k256": (fmt_pct(seed_test), fmt_pct(by_k.get(256, {}).get("accuracy_test"))) if seed_test else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------ the run's facts
+
+
+def _timings(timings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """One bar per step, its width the step's share of the total, and the total as text."""
+    total = timings.get("total_s")
+    steps = [(k, v) for k, v in timings.items() if k != "total_s"]
+    scale = total if is_num(total) and total > 0 else sum(v for _, v in steps if is_num(v)) or 1.0
+    rows = [{
+        "name": k.removesuffix("_s").replace("_", " "),
+        "text": fmt_secs(v),
+        "width": f"{min(100.0, max(0.0, 100.0 * v / scale)):.1f}" if is_num(v) else "0",
+    } for k, v in steps]
+    return rows, fmt_secs(total)
+
+
+def _cluster_facts(cluster: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "scheduler": fmt_value(cluster.get("scheduler")),
+        "n_workers": fmt_int(cluster.get("n_workers")),
+        "threads": fmt_int(cluster.get("threads")),
+        "dashboard": fmt_value(cluster.get("dashboard")),
+        "rows": flatten(cluster),
+    }
+
+
+def _object(parent: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``parent[key]`` if it is a JSON object, else an empty one."""
+    value = parent.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _dataset_facts(run: RunData, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The data set, from ``metrics.json`` with ``manifest.json``'s ``data`` (store path, checksums) beside it."""
+    dataset = run.metrics.get("dataset", {})
+    data = _object(manifest, "data")
+    shape = dataset.get("image_shape") or list(run.image_shape)
+    return {
+        "store": fmt_value(dataset.get("store", data.get("store"))),
+        "n_train": fmt_int(dataset.get("n_train")),
+        "n_test": fmt_int(dataset.get("n_test")),
+        "n_classes": fmt_int(dataset.get("n_classes", run.n_classes)),
+        "image_shape": " × ".join(str(v) for v in shape),
+        "md5": [(str(k), fmt_value(v)) for k, v in _object(data, "md5").items()],
+    }
+
+
+def _provenance(manifest: Mapping[str, Any] | None) -> list[tuple[str, str]] | None:
+    """``manifest.json`` as (dotted key, text) rows, its ``versions`` left to their own table; None if missing."""
+    return flatten({k: v for k, v in manifest.items() if k != "versions"}) if manifest is not None else None
+
+
+def _job_name(run: RunData) -> str:
+    """The job's name, or the run directory's when ``metrics.json`` names none."""
+    name = run.metrics.get("job")
+    return name if isinstance(name, str) and name else run.run_dir.name
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+
+def build_context(
+    run: RunData, figs: Sequence[ReportFigure], fig_notes: Iterable[str], seed_table: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The template's variables: every number already formatted, every text left raw for the template to escape."""
+    metrics = run.metrics
+    manifest = run.manifest or {}
+    timing_rows, total = _timings(metrics.get("timings", {}))
+    epoch_note = metrics.get("inertia_per_epoch_note")
+    return {
+        "job": _job_name(run),
+        "run_dir": str(run.run_dir),
+        "started": fmt_value(metrics.get("started_utc")),
+        "best_k": run.best_k,
+        "most_accurate": _most_accurate(run.results),
+        "best": _best_scores(run),
+        "total_time": total,
+        "cluster": _cluster_facts(metrics.get("cluster", {})),
+        "dataset": _dataset_facts(run, manifest),
+        "rows": [_metric_row(r, run.best_k) for r in run.results],
+        "seed": _comparison(run, seed_table),
+        "figures": figs,
+        "figure_notes": [*fig_notes, *([run.centroid_note] if run.centroid_note else [])],
+        "timings": timing_rows,
+        "versions": [(str(k), fmt_value(v)) for k, v in _object(manifest, "versions").items()],
+        "manifest": _provenance(run.manifest),
+        "job_yaml": run.job_yaml,
+        "has_performance": run.has_performance,
+        "epoch_note": fmt_value(epoch_note) if epoch_note else "",
+        "version": mnist_kmeans.__version__,
+    }
