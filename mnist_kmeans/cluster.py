@@ -39,9 +39,9 @@ def lost_cluster(exc: BaseException, client: Client | None = None) -> str | None
     from distributed.scheduler import KilledWorker
 
     if client is not None and getattr(client, "status", "running") not in ("running", "connecting"):
-        return f"lost the scheduler ({one_line(exc, with_type=True)})"
+        return f"lost the scheduler ({one_line(exc, with_type=True, limit=200)})"
     if isinstance(exc, (KilledWorker, FutureCancelledError, OSError, TimeoutError)):  # CommClosedError is an OSError
-        return f"lost the cluster ({one_line(exc, with_type=True)})"
+        return f"lost the cluster ({one_line(exc, with_type=True, limit=200)})"
     return None
 
 
