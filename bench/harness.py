@@ -138,7 +138,8 @@ def main() -> None:
     xtr, ytr = load_split(info.url, "train", info.n_train)
     xte, yte = load_split(info.url, "test", info.n_test)
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"python {platform.python_version()}"
     )
     peak1, peak_all = gemm_peak(1), gemm_peak(None)
     print(f"float32 GEMM peak: {peak1:.1f} GFLOP/s on 1 thread, {peak_all:.1f} GFLOP/s on all cores")
@@ -166,11 +167,13 @@ def main() -> None:
     flops = job_flops(job, info)
     print()
     print(
-        f"fit+evaluate, median of {args.reps}: loop {med['loop']:.2f} s, job {med['job']:.2f} s, ratio job/loop {med['job'] / med['loop']:.2f}"
+        f"fit+evaluate, median of {args.reps}: loop {med['loop']:.2f} s, job {med['job']:.2f} s, "
+        f"ratio job/loop {med['job'] / med['loop']:.2f}"
     )
     if "cold" in med:
         print(
-            f"cold `mnist-kmeans run` (process start to report written): {med['cold']:.2f} s, ratio cold/loop {med['cold'] / med['loop']:.2f}"
+            f"cold `mnist-kmeans run` (process start to report written): {med['cold']:.2f} s, "
+            f"ratio cold/loop {med['cold'] / med['loop']:.2f}"
         )
     print(
         f"job: {flops / 1e9:.1f} GFLOP of distance products, {flops / 1e9 / med['job']:.1f} GFLOP/s effective "
@@ -182,7 +185,8 @@ def main() -> None:
     for k in job.k_grid:
         a, b = last_loop[k], last_job[k]
         print(
-            f"{k:4d}  {a['inertia']:12,.0f}  {b['inertia']:12,.0f}   {b['inertia'] / a['inertia']:8.4f}   {a['accuracy_test']:13.4f}  {b['accuracy_test']:12.4f}"
+            f"{k:4d}  {a['inertia']:12,.0f}  {b['inertia']:12,.0f}   {b['inertia'] / a['inertia']:8.4f}   "
+            f"{a['accuracy_test']:13.4f}  {b['accuracy_test']:12.4f}"
         )
     if args.json:
         Path(args.json).write_text(

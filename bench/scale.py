@@ -12,6 +12,7 @@ rows per K-epoch, and the peak of that sum.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -29,10 +30,8 @@ K_GRID = [10, 16, 36, 64, 144, 256]
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -93,7 +92,8 @@ def main() -> None:
         r = measure(store)
         rows.append(r)
         print(
-            f"{r['rows']:>10,}  {r['wall_s']:7.1f}   {r['s_per_million_rows_per_k_epoch']:25.3f}   {r['peak_rss_gb']:.2f} GB",
+            f"{r['rows']:>10,}  {r['wall_s']:7.1f}   {r['s_per_million_rows_per_k_epoch']:25.3f}   "
+            f"{r['peak_rss_gb']:.2f} GB",
             flush=True,
         )
     if args.json:

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def read_idx(path: Path) -> np.ndarray:
-    raw = gzip.open(path).read()
+    with gzip.open(path) as f:
+        raw = f.read()
     ndim = raw[3]
     shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)

@@ -14,6 +14,7 @@ one line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -137,10 +138,9 @@ def _remote(cfg: ClusterConfig, address: str) -> Iterator[tuple[Client, ClusterI
                 raise ClusterError(f"{address}: the scheduler has no worker after {cfg.connect_timeout:g} s") from None
             yield client, describe(client, embedded=False)
         finally:
-            try:
+            # a client whose scheduler is gone may fail to close cleanly: nothing is left to release
+            with contextlib.suppress(Exception):
                 client.close(timeout=cfg.connect_timeout)
-            except Exception:  # a client whose scheduler is gone may fail to close cleanly: nothing is left to release
-                pass
 
 
 def _join(cfg: ClusterConfig, address: str) -> Client:

@@ -3,9 +3,10 @@
 One pass over a split computes, for one chain's centers and each chunk: the nearest center of every row, the sum of
 squared distances (inertia), the number of rows per center, per (center, class) counts (the contingency table) and,
 when asked, the per-center sums of rows. Summed over the chunks these give everything the job reports (inertia, the
-label map, every metric of SPEC) and a full-batch Lloyd update (sums / counts), with no per-row result ever leaving a
-worker. Metrics come from scikit-learn's own functions, fed label vectors rebuilt from the contingency table: every
-metric of SPEC depends on the label vectors only through that table, so the values equal ``sklearn.metrics`` on the
+label map, every metric of metrics.json, docs/contract.md) and a full-batch Lloyd update (sums / counts), with no
+per-row result ever leaving a worker. Metrics come from scikit-learn's own functions, fed label vectors rebuilt from
+the contingency table: every
+metric reported depends on the label vectors only through that table, so the values equal ``sklearn.metrics`` on the
 original vectors.
 """
 
@@ -103,7 +104,7 @@ def chunk_stats(
         first += size
     assigned = iter(assigned_sets)
     out = []
-    for centers, hist, want_sums in zip(center_sets, histories, sums):
+    for centers, hist, want_sums in zip(center_sets, histories, sums, strict=True):
         ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
         labels, dist = next(assigned)
         ssd.append(float(dist.sum(dtype=np.float64)))
@@ -142,13 +143,20 @@ def chunk_stats_task(
     x, y = load_chunk(info, split, chunk)
     if y.size and int(y.max()) >= info.n_classes:
         raise ValueError(f"{info.url}: {split} chunk {chunk} holds label {int(y.max())} >= n_classes={info.n_classes}")
-    return chunk_stats(x, y.astype(np.int64), center_sets, info.n_classes, with_sums=with_sums, histories=histories,
-                       gemm_groups=gemm_groups)
+    return chunk_stats(
+        x,
+        y.astype(np.int64),
+        center_sets,
+        info.n_classes,
+        with_sums=with_sums,
+        histories=histories,
+        gemm_groups=gemm_groups,
+    )
 
 
 def combine(*parts: list[PassStats]) -> list[PassStats]:
     """Sum the statistics of disjoint sets of rows, center set by center set (one node of the tree reduction)."""
-    return [sum(group[1:], start=group[0]) for group in zip(*parts)]
+    return [sum(group[1:], start=group[0]) for group in zip(*parts, strict=True)]
 
 
 def lloyd_update(centers: np.ndarray, stats: PassStats) -> np.ndarray:
@@ -160,7 +168,7 @@ def lloyd_update(centers: np.ndarray, stats: PassStats) -> np.ndarray:
     return new.astype(np.float32)
 
 
-# --- from reduced tables to SPEC's metrics (on the client: tables are K x n_classes) --------------------------
+# --- from reduced tables to the metrics of metrics.json (tables are K x n_classes) ---------------------------
 
 
 def label_map(contingency_train: np.ndarray) -> list[int | None]:
@@ -187,7 +195,7 @@ def label_vectors(contingency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cluster_metrics(contingency_train: np.ndarray) -> dict[str, float]:
-    """SPEC's label-based metrics on the training split, computed by ``sklearn.metrics``."""
+    """The label-based metrics of metrics.json (docs/contract.md) on the training split, by ``sklearn.metrics``."""
     from sklearn import metrics as skm
 
     y_true, y_pred = label_vectors(contingency_train)

@@ -21,6 +21,7 @@ This module holds the pure functions that run in tasks; ``run.py`` submits them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -94,7 +95,10 @@ def derive_seed(seed: int, purpose: Purpose, *parts: int) -> int:
 
 def chunk_order(n_chunks: int, seed: int, k: int, restart: int, epoch: int) -> list[int]:
     """The seeded order in which a chain visits the training chunks in one epoch."""
-    return [int(i) for i in np.random.RandomState(derive_seed(seed, Purpose.CHUNK_ORDER, k, restart, epoch)).permutation(n_chunks)]
+    return [
+        int(i)
+        for i in np.random.RandomState(derive_seed(seed, Purpose.CHUNK_ORDER, k, restart, epoch)).permutation(n_chunks)
+    ]
 
 
 def sample_rows(n_train: int, n_rows: int, seed: int) -> np.ndarray:
@@ -192,7 +196,7 @@ def batches(n_rows: int, batch_size: int) -> list[slice]:
     """
     n_batches = max(1, n_rows // batch_size)
     bounds = [i * batch_size for i in range(n_batches)] + [n_rows]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def next_chunk(state: ChainState, n_chunks: int, seed: int) -> int:

@@ -214,8 +214,14 @@ class _KRecord:
         lloyd = self.lloyd_inertia[: max(lloyd_steps - 1, 0)] + ([self.train.inertia] if lloyd_steps > 0 else [])
         seconds = (self.t_fit_end or time.perf_counter()) - self.t_start
         return KResult(
-            self.k, self.chosen, self.screen_inertia(), self.centers, self.train, self.test,
-            self.epoch_inertia + lloyd, seconds,
+            self.k,
+            self.chosen,
+            self.screen_inertia(),
+            self.centers,
+            self.train,
+            self.test,
+            self.epoch_inertia + lloyd,
+            seconds,
         )
 
 
@@ -262,19 +268,34 @@ class _Scheduler:
         return future
 
     def stats_pass(
-        self, split: str, center_sets: list[Any], with_sums: bool | list[bool], histories: Sequence = (),
-        gemm_groups: Sequence[int] = (), priority: int = 0,
+        self,
+        split: str,
+        center_sets: list[Any],
+        with_sums: bool | list[bool],
+        histories: Sequence = (),
+        gemm_groups: Sequence[int] = (),
+        priority: int = 0,
     ) -> Future:
         """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
         parts = [
-            self.submit(chunk_stats_task, center_sets, self.info, split, chunk, with_sums=with_sums,
-                        histories=histories, gemm_groups=gemm_groups, priority=priority)
+            self.submit(
+                chunk_stats_task,
+                center_sets,
+                self.info,
+                split,
+                chunk,
+                with_sums=with_sums,
+                histories=histories,
+                gemm_groups=gemm_groups,
+                priority=priority,
+            )
             for chunk in range(self.info.n_chunks(split))
         ]
         return tree_reduce(self.client, parts, priority=priority)
 
-    def fit_chunks(self, state: Any, k: int, chunks_done: int, n_tasks: int, save: bool = True,
-                   priority: int = 0) -> Future:
+    def fit_chunks(
+        self, state: Any, k: int, chunks_done: int, n_tasks: int, save: bool = True, priority: int = 0
+    ) -> Future:
         """``n_tasks`` fit_chunk tasks after ``chunks_done`` chunks of K's chain; epoch ends are saved if ``save``."""
         for chunk in range(chunks_done, chunks_done + n_tasks):
             if save and (chunk + 1) % self.n_chunks == 0:
@@ -314,8 +335,10 @@ class _Scheduler:
         saved = [self.ckpt.progress(k, r) for r in range(self.plan.restarts[k])]
         started = [r for r, (epochs_done, lloyd_done) in enumerate(saved) if epochs_done or lloyd_done]
         if len(started) > 1:  # only the restart that won the screening ever saves anything
-            raise UserError(f"{self.ckpt.path}/chains/k{k}: {len(started)} restarts have saved epochs; "
-                            "this checkpoint was made by another version, start a new run")
+            raise UserError(
+                f"{self.ckpt.path}/chains/k{k}: {len(started)} restarts have saved epochs; "
+                "this checkpoint was made by another version, start a new run"
+            )
         return (started[0], *saved[started[0]]) if started else None
 
     def resume(self, record: _KRecord, restart: int, epochs_done: int, lloyd_done: int) -> _Start:
@@ -342,22 +365,35 @@ class _Scheduler:
         """Every restart of K: k-means++, then its screening chunks (not saved); each restart's state after them."""
         sample, params = self.kmeans_sample(), self.plan.params
         inits = [self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY) for r in range(n_restarts)]
-        return [self.fit_chunks(chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY)
-                for chain in inits]
+        return [
+            self.fit_chunks(chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY) for chain in inits
+        ]
 
     def screen(self, screened: dict[int, list[Future]]) -> None:
         """One pass measures every restart of every screened K; each K's best restart goes on from there."""
-        center_sets = [self.submit(centers_of, chain, priority=START_PRIORITY)
-                       for chains in screened.values() for chain in chains]
-        stats = self.stats_pass("train", center_sets, False, gemm_groups=[len(chains) for chains in screened.values()],
-                                priority=START_PRIORITY)
+        center_sets = [
+            self.submit(centers_of, chain, priority=START_PRIORITY) for chains in screened.values() for chain in chains
+        ]
+        stats = self.stats_pass(
+            "train",
+            center_sets,
+            False,
+            gemm_groups=[len(chains) for chains in screened.values()],
+            priority=START_PRIORITY,
+        )
         first = 0
         for k, chains in screened.items():
             restarts = slice(first, first + len(chains))  # K's restarts among the pass's center sets
             first = restarts.stop
             self.watch(stats, Watched(ResultKind.SCREEN, k, index=restarts))
-            index = self.submit(select_restart, stats, restarts.start, restarts.stop,
-                                watch=Watched(ResultKind.SELECT, k), priority=START_PRIORITY)
+            index = self.submit(
+                select_restart,
+                stats,
+                restarts.start,
+                restarts.stop,
+                watch=Watched(ResultKind.SELECT, k),
+                priority=START_PRIORITY,
+            )
             winner = self.submit(pick, index, chains, priority=START_PRIORITY)
             self.starts[k] = _Start(winner, self.screen_chunks, [])
             if self.screen_chunks == self.n_chunks:  # the screening ended the first epoch: save the winner's
@@ -412,8 +448,9 @@ class _Scheduler:
             if grid_pass.kind is ResultKind.EPOCHS and self.plan.lloyd_steps == 0:
                 self.watch(stats, Watched(ResultKind.EVAL_TRAIN, k, 0, index))  # no Lloyd step: the evaluation
             if grid_pass.with_sums:
-                self.centers[k] = self.submit(lloyd_step, index, center_sets, stats,
-                                              watch=Watched(ResultKind.LLOYD, k, grid_pass.lloyd_step))
+                self.centers[k] = self.submit(
+                    lloyd_step, index, center_sets, stats, watch=Watched(ResultKind.LLOYD, k, grid_pass.lloyd_step)
+                )
 
     def test_pass(self) -> None:
         """Every K's final centers over the test split, in one pass."""
@@ -457,8 +494,9 @@ class _Scheduler:
         self.on_save(record, watched, result)
 
     def on_save(self, record: _KRecord, watched: Watched, result: _Result) -> None:
-        self.ckpt.save_epoch(result.part(watched.index), self.plan.epochs, self.plan.lloyd_steps,
-                             screen_inertia=record.screen_inertia())
+        self.ckpt.save_epoch(
+            result.part(watched.index), self.plan.epochs, self.plan.lloyd_steps, screen_inertia=record.screen_inertia()
+        )
 
     def on_screen(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         record.restart_inertia = {r: stats.inertia for r, stats in enumerate(result.part(watched.index))}
@@ -476,8 +514,16 @@ class _Scheduler:
     def on_lloyd(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         assert record.chosen is not None
         step, plan = watched.step, self.plan
-        self.ckpt.save_lloyd(record.k, record.chosen, step, result.part(watched.index), plan.epochs, plan.lloyd_steps,
-                             record.epoch_inertia, record.lloyd_inertia[: step - 1])
+        self.ckpt.save_lloyd(
+            record.k,
+            record.chosen,
+            step,
+            result.part(watched.index),
+            plan.epochs,
+            plan.lloyd_steps,
+            record.epoch_inertia,
+            record.lloyd_inertia[: step - 1],
+        )
         record.t_fit_end = time.perf_counter()
 
     def on_eval_train(self, record: _KRecord, watched: Watched, result: _Result) -> None:

@@ -14,6 +14,7 @@ IDX files are published for. Every fault is a one-line :class:`~mnist_kmeans.err
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -29,7 +30,14 @@ import numpy as np
 from mnist_kmeans.errors import UserError
 
 UBYTE = 0x08
-TYPE_NAMES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+TYPE_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
 GZIP_MAGIC = b"\x1f\x8b"
 # Faults of the gzip layer itself, as opposed to faults of the transport below it (OSError, HTTPException).
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
@@ -137,15 +145,15 @@ class IdxReader:
     def close(self) -> None:
         # GzipFile does not close a fileobj it was given: close both.
         for s in (self._stream, self._raw):
-            try:
+            with contextlib.suppress(Exception):  # closing after a failure must not hide that failure
                 s.close()
-            except Exception:  # closing after a failure must not hide that failure
-                pass
 
     def __enter__(self) -> IdxReader:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # --- internals ----------------------------------------------------------------------------------------------
