@@ -5,9 +5,8 @@ squared distances (inertia), the number of rows per center, per (center, class) 
 when asked, the per-center sums of rows. Summed over the chunks these give everything the job reports (inertia, the
 label map, every metric of metrics.json, docs/contract.md) and a full-batch Lloyd update (sums / counts), with no
 per-row result ever leaving a worker. Metrics come from scikit-learn's own functions, fed label vectors rebuilt from
-the contingency table: every
-metric reported depends on the label vectors only through that table, so the values equal ``sklearn.metrics`` on the
-original vectors.
+the contingency table: every metric reported depends on the label vectors only through that table, so the values
+equal ``sklearn.metrics`` on the original vectors.
 """
 
 from __future__ import annotations

@@ -248,8 +248,7 @@ class _Samples:
 
 def _labels(values: Any, path: Path, where: str, n_classes: int, unmapped: bool = False) -> list[int | None]:
     """An attribute of class labels in 0..n_classes-1 (``unmapped``: also null or negative, read as ``None``)."""
-    lowest = -(2**63) if unmapped else 0
-    if not all((is_int(v) and lowest <= v < n_classes) or (unmapped and v is None) for v in values):
+    if not all((is_int(v) and v < n_classes and (unmapped or v >= 0)) or (unmapped and v is None) for v in values):
         extra = ", null or negative (no label)" if unmapped else ""
         raise UserError(f"{path}: attribute '{where}' holds an entry that is not a class in 0..{n_classes - 1}{extra}")
     return [None if v is None or v < 0 else int(v) for v in values]
