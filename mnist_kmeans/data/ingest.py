@@ -36,7 +36,7 @@ from mnist_kmeans.data.store import (
     open_store,
 )
 from mnist_kmeans.data.staging import existing_store, local_path, staging
-from mnist_kmeans.errors import Log, UserError, shorten
+from mnist_kmeans.errors import Log, UserError
 
 # A chunk is what a worker decodes and then holds as float32 (4x its bytes): 1 GiB of uint8 is far beyond any sane
 # choice, and stays below Blosc's 2 GiB limit per buffer.
@@ -55,14 +55,7 @@ class _Layout:
         return self.image_shape[0] * self.image_shape[1]
 
 
-def ingest(
-    source: str,
-    store: str,
-    chunk_rows: int | None = None,
-    force: bool = False,
-    log: Log = print,
-    classes: str | None = None,
-) -> StoreInfo:
+def ingest(source: str, store: str, chunk_rows: int | None = None, force: bool = False, log: Log = print) -> StoreInfo:
     """Write the IDX files of ``source`` into the Zarr store ``store``; return the complete store's description.
 
     Parameters
@@ -78,9 +71,6 @@ def ingest(
         Rebuild a complete store even when it holds other data or another chunk size.
     log : callable, default=print
         Receives one line per step (the command line sends them to stderr), once the ingest has succeeded.
-    classes : str or None, default=None
-        A file naming the classes, one per line in label order, recorded as ``class_names``; ``None`` means the
-        ``classes`` file beside the IDX files, if any. There must be one name per class (largest label + 1).
 
     Raises
     ------
@@ -93,16 +83,16 @@ def ingest(
         raise UserError(f"--chunk-rows: must be a positive integer, got {chunk_rows!r}")
     # An error must be the only line on stderr (SPEC "Exit codes"): progress lines wait until the ingest succeeded.
     progress: list[str] = []
-    info = _ingest(source, store, chunk_rows, force, progress.append, classes)
+    info = _ingest(source, store, chunk_rows, force, progress.append)
     for line in progress:
         log(line)
     return info
 
 
-def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log, classes: str | None) -> StoreInfo:
+def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log) -> StoreInfo:
     local = local_path(store)
     existing = existing_store(store, local)
-    with open_source(source, classes) as src:
+    with open_source(source) as src:
         layout = _check_layout(src)
         rows = chunk_rows or DEFAULT_CHUNK_ROWS
         _check_chunk_bytes(src, layout, rows)
@@ -115,18 +105,11 @@ def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: L
             _write(target, src, layout, rows, overwrite=local is None and existing is not None, log=log, name=store)
     info = open_store(store)
     h, w = info.image_shape
-    named = f" ({', '.join(info.class_names)})" if info.class_names else ""
     log(
-        f"ingest: wrote {store}: {_count(info.n_train, 'training image')} and {_count(info.n_test, 'test image')} "
-        f"of {h}x{w}, {_count(info.n_classes, 'class', 'classes')}{shorten(named, 200)}, "
-        f"chunks of {_count(info.chunk_rows, 'row')}"
+        f"ingest: wrote {store}: {info.n_train} training and {info.n_test} test images of {h}x{w}, "
+        f"{info.n_classes} classes, chunks of {info.chunk_rows} rows"
     )
     return info
-
-
-def _count(n: int, noun: str, nouns: str | None = None) -> str:
-    """``n`` and its noun, singular for one: "1 class", "3 classes"."""
-    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
 # --- checks before anything is written ------------------------------------------------------------------------------
@@ -141,10 +124,7 @@ def _check_layout(src: Source) -> _Layout:
         if n == 0:
             raise UserError(f"{images.name}: holds no images")
         if labels.header.n_items != n:
-            raise UserError(
-                f"{labels.name}: holds {_count(labels.header.n_items, 'label')}, but {images.name} holds "
-                f"{_count(n, 'image')}"
-            )
+            raise UserError(f"{labels.name}: holds {labels.header.n_items} labels, but {images.name} holds {n} images")
         n_rows[split], item_shapes[split] = n, images.header.shape[1:]
     if item_shapes["test"] != item_shapes["train"]:
         test = src.readers[SPLIT_FILES["test"][0]]
@@ -160,8 +140,8 @@ def _check_chunk_bytes(src: Source, layout: _Layout, rows: int) -> None:
         raise UserError(f"{src.readers[SPLIT_FILES['train'][0]].name}: images of {_hxw(layout.image_shape)} are too large")
     if rows * layout.n_features > MAX_CHUNK_BYTES:
         raise UserError(
-            f"--chunk-rows {rows}: chunks of {_count(rows, 'image')} of {_hxw(layout.image_shape)} exceed "
-            f"{MAX_CHUNK_BYTES >> 20} MiB; choose at most {_count(MAX_CHUNK_BYTES // layout.n_features, 'row')}"
+            f"--chunk-rows {rows}: chunks of {rows} images of {_hxw(layout.image_shape)} exceed "
+            f"{MAX_CHUNK_BYTES >> 20} MiB; choose at most {MAX_CHUNK_BYTES // layout.n_features} rows"
         )
 
 
@@ -177,7 +157,7 @@ def _keep_existing(store: str, src: Source, chunk_rows: int | None, log: Log) ->
     info = open_store(store)
     if chunk_rows is not None and chunk_rows != info.chunk_rows:
         raise UserError(
-            f"{store}: a complete store with chunks of {_count(info.chunk_rows, 'row')} is there; "
+            f"{store}: a complete store with chunks of {info.chunk_rows} rows is there; "
             f"use --force to rebuild it with --chunk-rows {chunk_rows}"
         )
     for name, reader in src.readers.items():
@@ -187,11 +167,6 @@ def _keep_existing(store: str, src: Source, chunk_rows: int | None, log: Log) ->
                 f"{store}: holds a complete store of other data (from {info.source}; {name} differs); "
                 "use --force to replace it"
             )
-    if src.class_names is not None and src.class_names != info.class_names:
-        raise UserError(
-            f"{store}: holds this data with other class names than {src.classes_from} "
-            f"({shorten(', '.join(info.class_names or ('none',)))}); use --force to rebuild it with these"
-        )
     log(f"ingest: {store} already holds this data (same md5 sums); nothing to do")
     return info
 
@@ -220,23 +195,9 @@ def _write(target: str, src: Source, layout: _Layout, rows: int, overwrite: bool
             checksums[split] = {"images": images_crc, "labels": labels_crc}
         # Labels index the classes (label maps, confusion matrices): n_classes is the largest label + 1.
         # The CRC-32 of every chunk lets every later read prove it got what was written (store.verify_chunk).
-        n_classes = top_label + 1
-        names = _class_names_attr(src, n_classes)
-        mark_complete(group, {"md5": md5, "n_classes": n_classes, **names, CHECKSUM_ATTR: checksums})
+        mark_complete(group, {"md5": md5, "n_classes": top_label + 1, CHECKSUM_ATTR: checksums})
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
         raise UserError(f"{name}: cannot write the store: {exc}") from None
-
-
-def _class_names_attr(src: Source, n_classes: int) -> dict[str, list[str]]:
-    """``{"class_names": [...]}`` when the source names its classes, one name per class; else ``{}``."""
-    if src.class_names is None:
-        return {}
-    if len(src.class_names) != n_classes:
-        raise UserError(
-            f"{src.classes_from}: names {_count(len(src.class_names), 'class', 'classes')}, but the labels are "
-            f"0 to {n_classes - 1} ({_count(n_classes, 'class', 'classes')}); one name per line, in label order"
-        )
-    return {"class_names": list(src.class_names)}
 
 
 def _copy(reader: IdxReader, rows: int, array: zarr.Array | None = None) -> tuple[int, list[int]]:

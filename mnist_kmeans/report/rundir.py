@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from mnist_kmeans.data.sources import check_class_name
 from mnist_kmeans.errors import UserError
 from mnist_kmeans.report.values import is_int, is_num
 
@@ -33,10 +32,6 @@ class RunData:
 
     run_dir: Path
     metrics: dict[str, Any]
-    # metrics.json's ``dataset``, its ``md5`` taken from manifest.json's ``data`` when it has none: what says which
-    # data the run saw (reference.comparable_with_seed)
-    dataset: dict[str, Any]
-    class_names: tuple[str, ...] | None  # metrics.json's ``dataset.class_names``, one per class; None without
     results: list[dict[str, Any]]  # ascending K
     best_k: int
     n_classes: int
@@ -106,33 +101,6 @@ def _read_metrics(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if key in metrics and not isinstance(metrics[key], dict):
             raise UserError(f"{path}: key '{key}' must be an object")
     return metrics, sorted(results, key=lambda r: r["k"])
-
-
-def _dataset(metrics: Mapping[str, Any], manifest: Mapping[str, Any] | None, path: Path) -> dict[str, Any]:
-    """``metrics.json``'s ``dataset`` with the store's ``md5``: its own, else ``manifest.json``'s ``data.md5``."""
-    dataset = dict(metrics.get("dataset", {}))
-    data = manifest.get("data") if manifest is not None else None
-    if "md5" not in dataset and isinstance(data, dict) and "md5" in data:
-        dataset["md5"] = data["md5"]
-    if "md5" in dataset and not isinstance(dataset["md5"], dict):
-        raise UserError(f"{path}: key 'dataset.md5' must be an object of file name -> md5 sum")
-    return dataset
-
-
-def _class_names(dataset: Mapping[str, Any], n_classes: int, path: Path) -> tuple[str, ...] | None:
-    """``dataset.class_names`` checked: ``null`` or absent, or one class name per class."""
-    names = dataset.get("class_names")
-    if names is None:
-        return None
-    if not isinstance(names, list) or len(names) != n_classes:
-        raise UserError(f"{path}: key 'dataset.class_names' must be a list of {n_classes} names (one per class), "
-                        f"got {json.dumps(names)[:60]}")
-    for index, name in enumerate(names):
-        try:
-            check_class_name(name)
-        except ValueError as exc:
-            raise UserError(f"{path}: key 'dataset.class_names[{index}]': {exc}") from None
-    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -246,16 +214,8 @@ class _Samples:
     misclassified: tuple[np.ndarray, list[int], list[int | None], int | None]
 
 
-def _labels(values: Any, path: Path, where: str, n_classes: int, unmapped: bool = False) -> list[int | None]:
-    """An attribute of class labels in 0..n_classes-1 (``unmapped``: also null or negative, read as ``None``)."""
-    if not all((is_int(v) and v < n_classes and (unmapped or v >= 0)) or (unmapped and v is None) for v in values):
-        extra = ", null or negative (no label)" if unmapped else ""
-        raise UserError(f"{path}: attribute '{where}' holds an entry that is not a class in 0..{n_classes - 1}{extra}")
-    return [None if v is None or v < 0 else int(v) for v in values]
-
-
-def _read_samples(run_dir: Path, image_shape: tuple[int, int], n_classes: int) -> _Samples:
-    """The first training rows with their labels, and misclassified test rows with true and predicted labels."""
+def _read_samples(run_dir: Path, image_shape: tuple[int, int]) -> _Samples:
+    """The first training digits with their labels, and misclassified test digits with true and predicted labels."""
     path = run_dir / "samples.zarr"
     group = _open_zarr(path)
     first, first_attrs = _zarr_array(group, "train_first", path)
@@ -271,10 +231,9 @@ def _read_samples(run_dir: Path, image_shape: tuple[int, int], n_classes: int) -
                         f"with {len(wrong)} entries each")
     wrong_k = wrong_attrs.get("k")
     return _Samples(
-        train_first=(first, _labels(first_labels, path, "train_first.labels", n_classes)),
+        train_first=(first, [int(v) for v in first_labels]),
         # an unmapped prediction may be written as null or as a negative class
-        misclassified=(wrong, _labels(true, path, "misclassified.true", n_classes),
-                       _labels(pred, path, "misclassified.pred", n_classes, unmapped=True),
+        misclassified=(wrong, [int(v) for v in true], [None if v is None or int(v) < 0 else int(v) for v in pred],
                        int(wrong_k) if is_int(wrong_k) else None),
     )
 
@@ -331,15 +290,11 @@ def load_run(run_dir: str | Path) -> RunData:
     job_yaml = _read_optional_text(run / "job.yaml")
     grid_ks, centroid_note = _job_centroid_grids(job_yaml, ks, evaluation.best_k)
     centroids = _read_centroids(centroid_group, grid_ks, image_shape, centroid_path)
-    samples = _read_samples(run, image_shape, evaluation.n_classes)
+    samples = _read_samples(run, image_shape)
     manifest_path = run / "manifest.json"
-    manifest = _read_json(manifest_path) if manifest_path.exists() else None
-    dataset = _dataset(metrics, manifest, run / "metrics.json")
     return RunData(
         run_dir=run,
         metrics=metrics,
-        dataset=dataset,
-        class_names=_class_names(dataset, evaluation.n_classes, run / "metrics.json"),
         results=results,
         best_k=evaluation.best_k,
         n_classes=evaluation.n_classes,
@@ -350,7 +305,7 @@ def load_run(run_dir: str | Path) -> RunData:
         centroid_note=centroid_note,
         train_first=samples.train_first,
         misclassified=samples.misclassified,
-        manifest=manifest,
+        manifest=_read_json(manifest_path) if manifest_path.exists() else None,
         job_yaml=job_yaml,
         has_performance=(run / "dask-performance.html").is_file(),
     )
