@@ -92,7 +92,8 @@ class Checkpoint:
 
     def _new_chain(self, name: str, k: int, epochs: int, lloyd_steps: int, n_features: int) -> zarr.Group:
         g = self.group.create_group(
-            name, attributes={"epochs_done": 0, "lloyd_done": 0, "n_since_last_reassign": [], "n_steps": []},
+            name,
+            attributes={"epochs_done": 0, "lloyd_done": 0, "n_since_last_reassign": [], "n_steps": []},
             overwrite=True,
         )
         g.create_array("centers", shape=(epochs, k, n_features), dtype="float32", chunks=(1, k, n_features))
@@ -164,15 +165,27 @@ class Checkpoint:
             if epochs_done == 0 and lloyd_done == 0 and not all(x in g for x in self._ARRAYS):
                 return 0, 0  # created in part when a write failed (a full disk): nothing of it was saved
             centers, counts, lloyd = g["centers"], g["counts"], g["lloyd"]
-            for key, value, top in (("epochs_done", epochs_done, centers.shape[0]), ("lloyd_done", lloyd_done, lloyd.shape[0])):
+            for key, value, top in (
+                ("epochs_done", epochs_done, centers.shape[0]),
+                ("lloyd_done", lloyd_done, lloyd.shape[0]),
+            ):
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
                     raise ValueError(f"{key} = {value!r}, the arrays hold {top}")
-            if centers.ndim != 3 or centers.shape[1] != k or counts.shape != centers.shape[:2] or lloyd.shape[1:] != centers.shape[1:]:
-                raise ValueError(f"arrays of shapes {centers.shape}, {counts.shape}, {lloyd.shape} do not hold K={k} centers")
+            if (
+                centers.ndim != 3
+                or centers.shape[1] != k
+                or counts.shape != centers.shape[:2]
+                or lloyd.shape[1:] != centers.shape[1:]
+            ):
+                raise ValueError(
+                    f"arrays of shapes {centers.shape}, {counts.shape}, {lloyd.shape} do not hold K={k} centers"
+                )
             for key in ("n_since_last_reassign", "n_steps"):
                 values = a[key]
-                if not isinstance(values, list) or len(values) < epochs_done or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in values[:epochs_done]
+                if (
+                    not isinstance(values, list)
+                    or len(values) < epochs_done
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in values[:epochs_done])
                 ):
                     raise ValueError(f"{key} does not hold an integer for each of the {epochs_done} saved epochs")
             screen = a.get("screen_inertia", [])
@@ -183,7 +196,9 @@ class Checkpoint:
                     if not isinstance(a.get(key), list):
                         raise ValueError(f"{key} is missing")
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise UserError(f"{self.path or 'centroids.zarr'}/{name}: damaged checkpoint ({exc}); start a new run") from None
+            raise UserError(
+                f"{self.path or 'centroids.zarr'}/{name}: damaged checkpoint ({exc}); start a new run"
+            ) from None
         return epochs_done, lloyd_done
 
     def load_state(self, k: int, restart: int) -> ChainState:

@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 import numpy as np
 
@@ -72,7 +72,22 @@ class IdxHeader:
         return "x".join(str(s) for s in self.shape)
 
 
-class IdxReader:
+class Closing:
+    """``with obj:`` closes ``obj`` at the end (the readers here own open files)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class IdxReader(Closing):
     """One IDX file of unsigned bytes, opened for a single streaming pass.
 
     Parameters
@@ -147,14 +162,6 @@ class IdxReader:
         for s in (self._stream, self._raw):
             with contextlib.suppress(Exception):  # closing after a failure must not hide that failure
                 s.close()
-
-    def __enter__(self) -> IdxReader:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # --- internals ----------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""IDX files -> the Zarr store of SPEC "The store", streamed one chunk at a time.
+"""IDX files -> the Zarr store of docs/contract.md, "Store layout", streamed one chunk at a time.
 
 An ingest:
 
@@ -23,19 +23,17 @@ from dataclasses import dataclass
 
 import zarr
 
+from mnist_kmeans.data import store as store_layout
 from mnist_kmeans.data.idx import IdxReader
 from mnist_kmeans.data.sources import SPLIT_FILES, Source, open_source
+from mnist_kmeans.data.staging import existing_store, local_path, staging
 from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
     DEFAULT_CHUNK_ROWS,
     StoreInfo,
     chunk_checksum,
-    create_split,
-    create_store,
-    mark_complete,
     open_store,
 )
-from mnist_kmeans.data.staging import existing_store, local_path, staging
 from mnist_kmeans.errors import Log, UserError
 
 # A chunk is what a worker decodes and then holds as float32 (4x its bytes): 1 GiB of uint8 is far beyond any sane
@@ -81,7 +79,7 @@ def ingest(source: str, store: str, chunk_rows: int | None = None, force: bool =
     store = str(store)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise UserError(f"--chunk-rows: must be a positive integer, got {chunk_rows!r}")
-    # An error must be the only line on stderr (SPEC "Exit codes"): progress lines wait until the ingest succeeded.
+    # An error must be the only line on stderr (docs/contract.md, "Exit codes"): progress waits for success.
     progress: list[str] = []
     info = _ingest(source, store, chunk_rows, force, progress.append)
     for line in progress:
@@ -137,7 +135,9 @@ def _check_layout(src: Source) -> _Layout:
 
 def _check_chunk_bytes(src: Source, layout: _Layout, rows: int) -> None:
     if layout.n_features > MAX_CHUNK_BYTES:
-        raise UserError(f"{src.readers[SPLIT_FILES['train'][0]].name}: images of {_hxw(layout.image_shape)} are too large")
+        raise UserError(
+            f"{src.readers[SPLIT_FILES['train'][0]].name}: images of {_hxw(layout.image_shape)} are too large"
+        )
     if rows * layout.n_features > MAX_CHUNK_BYTES:
         raise UserError(
             f"--chunk-rows {rows}: chunks of {rows} images of {_hxw(layout.image_shape)} exceed "
@@ -183,10 +183,10 @@ def _write(target: str, src: Source, layout: _Layout, rows: int, overwrite: bool
         "ingest_id": uuid.uuid4().hex,  # new on every build: caches of chunks key on it
     }
     try:
-        group = create_store(target, attrs, overwrite=overwrite)
+        group = store_layout.create_store(target, attrs, overwrite=overwrite)
         md5, top_label, checksums = {}, 0, {}
         for split, (images_name, labels_name) in SPLIT_FILES.items():
-            images, labels = create_split(group, split, layout.n_rows[split], layout.n_features, rows)
+            images, labels = store_layout.create_split(group, split, layout.n_rows[split], layout.n_features, rows)
             _, images_crc = _copy(src.readers[images_name], rows, images)
             md5[images_name] = _finish_file(src, images_name, log)
             top, labels_crc = _copy(src.readers[labels_name], rows, labels)
@@ -195,7 +195,7 @@ def _write(target: str, src: Source, layout: _Layout, rows: int, overwrite: bool
             checksums[split] = {"images": images_crc, "labels": labels_crc}
         # Labels index the classes (label maps, confusion matrices): n_classes is the largest label + 1.
         # The CRC-32 of every chunk lets every later read prove it got what was written (store.verify_chunk).
-        mark_complete(group, {"md5": md5, "n_classes": top_label + 1, CHECKSUM_ATTR: checksums})
+        store_layout.mark_complete(group, {"md5": md5, "n_classes": top_label + 1, CHECKSUM_ATTR: checksums})
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
         raise UserError(f"{name}: cannot write the store: {exc}") from None
 

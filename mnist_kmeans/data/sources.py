@@ -24,10 +24,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import BinaryIO
 
-from mnist_kmeans.data.idx import IdxReader
+from mnist_kmeans.data.idx import Closing, IdxReader
 from mnist_kmeans.errors import UserError
 
 # split -> (images, labels), in the order ingest reads them
@@ -55,7 +54,7 @@ def is_url(source: str) -> bool:
 
 
 @dataclass
-class Source:
+class Source(Closing):
     """The four files of a source, opened and their headers checked, ready to stream once.
 
     Attributes
@@ -90,12 +89,6 @@ class Source:
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
-
-    def __enter__(self) -> Source:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 def open_source(source: str) -> Source:

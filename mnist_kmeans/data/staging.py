@@ -43,7 +43,9 @@ def existing_store(store: str, local: Path | None) -> dict[str, Any] | None:
             raise UserError(f"{store}: exists and is not an mnist-kmeans store; will not overwrite it")
         return None
     if attrs.get("format") != FORMAT:
-        raise UserError(f"{store}: holds a Zarr group of format {attrs.get('format')!r}, not {FORMAT!r}; will not overwrite it")
+        raise UserError(
+            f"{store}: holds a Zarr group of format {attrs.get('format')!r}, not {FORMAT!r}; will not overwrite it"
+        )
     return attrs
 
 

@@ -333,11 +333,21 @@ def create_split(
     # write_empty_chunks: every chunk gets an object, also one of all zeros, so that "no object" always means damage
     config = {"write_empty_chunks": True}
     images = group.create_array(
-        f"{split}/images", shape=(n_rows, n_features), chunks=(chunk_rows, n_features), dtype="uint8",
-        compressors=COMPRESSORS, fill_value=0, config=config,
+        f"{split}/images",
+        shape=(n_rows, n_features),
+        chunks=(chunk_rows, n_features),
+        dtype="uint8",
+        compressors=COMPRESSORS,
+        fill_value=0,
+        config=config,
     )
     labels = group.create_array(
-        f"{split}/labels", shape=(n_rows,), chunks=(chunk_rows,), dtype="uint8", compressors=COMPRESSORS, fill_value=0,
+        f"{split}/labels",
+        shape=(n_rows,),
+        chunks=(chunk_rows,),
+        dtype="uint8",
+        compressors=COMPRESSORS,
+        fill_value=0,
         config=config,
     )
     return images, labels

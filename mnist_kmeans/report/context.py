@@ -47,8 +47,12 @@ def _most_accurate(results: list[dict]) -> dict[str, Any]:
 def _best_scores(run: RunData) -> dict[str, str]:
     """The headline numbers of the best K."""
     best = next(r for r in run.results if r["k"] == run.best_k)
-    return {"accuracy_test": fmt_pct(best["accuracy_test"]), "accuracy_train": fmt_pct(best["accuracy_train"]),
-            "ari": fmt_num(best["ari"], 3), "nmi": fmt_num(best["nmi"], 3)}
+    return {
+        "accuracy_test": fmt_pct(best["accuracy_test"]),
+        "accuracy_train": fmt_pct(best["accuracy_train"]),
+        "ari": fmt_num(best["ari"], 3),
+        "nmi": fmt_num(best["nmi"], 3),
+    }
 
 
 # ------------------------------------------------------------------------------------ the seed notebook
@@ -69,14 +73,23 @@ def _seed_row(seed: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, A
     return {
         "k": seed["k"],
         "in_run": bool(result),
-        "inertia": (fmt_big(seed["inertia"]), fmt_big(result.get("inertia")),
-                    _delta(result.get("inertia"), seed["inertia"], higher_is_better=False, pct=False, relative=True)),
-        "homogeneity": (fmt_num(seed["homogeneity"]), fmt_num(result.get("homogeneity")),
-                        _delta(result.get("homogeneity"), seed["homogeneity"], higher_is_better=True, pct=False,
-                               relative=False)),
-        "accuracy": (fmt_pct(seed["accuracy_train"]), fmt_pct(result.get("accuracy_train")),
-                     _delta(result.get("accuracy_train"), seed["accuracy_train"], higher_is_better=True, pct=True,
-                            relative=False)),
+        "inertia": (
+            fmt_big(seed["inertia"]),
+            fmt_big(result.get("inertia")),
+            _delta(result.get("inertia"), seed["inertia"], higher_is_better=False, pct=False, relative=True),
+        ),
+        "homogeneity": (
+            fmt_num(seed["homogeneity"]),
+            fmt_num(result.get("homogeneity")),
+            _delta(result.get("homogeneity"), seed["homogeneity"], higher_is_better=True, pct=False, relative=False),
+        ),
+        "accuracy": (
+            fmt_pct(seed["accuracy_train"]),
+            fmt_pct(result.get("accuracy_train")),
+            _delta(
+                result.get("accuracy_train"), seed["accuracy_train"], higher_is_better=True, pct=True, relative=False
+            ),
+        ),
     }
 
 
@@ -104,11 +117,14 @@ def _timings(timings: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str]:
     total = timings.get("total_s")
     steps = [(k, v) for k, v in timings.items() if k != "total_s"]
     scale = total if is_num(total) and total > 0 else sum(v for _, v in steps if is_num(v)) or 1.0
-    rows = [{
-        "name": k.removesuffix("_s").replace("_", " "),
-        "text": fmt_secs(v),
-        "width": f"{min(100.0, max(0.0, 100.0 * v / scale)):.1f}" if is_num(v) else "0",
-    } for k, v in steps]
+    rows = [
+        {
+            "name": k.removesuffix("_s").replace("_", " "),
+            "text": fmt_secs(v),
+            "width": f"{min(100.0, max(0.0, 100.0 * v / scale)):.1f}" if is_num(v) else "0",
+        }
+        for k, v in steps
+    ]
     return rows, fmt_secs(total)
 
 

@@ -250,11 +250,15 @@ def _homogeneity_panel(
         sk = sorted(seed)
         ax.plot(sk, [seed[k][0] for k in sk], linestyle="--", color=BLUE, alpha=0.5, label="seed homogeneity")
         ax.plot(sk, [seed[k][1] for k in sk], linestyle="--", color=ORANGE, alpha=0.5, label="seed accuracy, train")
-    ax.text(0, 1.01, "both rise with K by construction", transform=ax.transAxes, fontsize=9,
-            color=MUTED, style="italic", va="bottom")
+    _panel_note(ax, "both rise with K by construction")
     # pad leaves a line between the title and the note under it
     ax.set_title("Homogeneity and accuracy", loc="left", fontsize=12, color=INK, pad=16)
     ax.legend(frameon=False, fontsize=9, loc="best")
+
+
+def _panel_note(ax, text: str) -> None:
+    """A muted italic note just above a panel, under its title."""
+    ax.text(0, 1.01, text, transform=ax.transAxes, fontsize=9, color=MUTED, style="italic", va="bottom")
 
 
 def _agreement_panel(ax, ks: Sequence[int], ari: Sequence[float], nmi: Sequence[float]) -> None:
@@ -262,8 +266,7 @@ def _agreement_panel(ax, ks: Sequence[int], ari: Sequence[float], nmi: Sequence[
     ax.plot(ks, ari, marker="o", color=GREEN, linewidth=2, label="adjusted Rand index (ARI)")
     ax.plot(ks, nmi, marker="s", color=PURPLE, linewidth=2, label="normalized mutual information (NMI)")
     ax.set_title("ARI and NMI", loc="left", fontsize=12, color=INK, pad=16)
-    ax.text(0, 1.01, "fair across K: more clusters are not rewarded for free", transform=ax.transAxes,
-            fontsize=9, color=MUTED, style="italic", va="bottom")
+    _panel_note(ax, "fair across K: more clusters are not rewarded for free")
     ax.legend(frameon=False, fontsize=9, loc="best")
 
 
@@ -292,8 +295,9 @@ def centroid_grid(
     sep = " " if one_line else "\n"
     titles = [f"Inferred{sep}label: {'none' if v is None else int(v)}" for v in labels]
     fontsize = min(9.5, 9.0 * tile_in) if one_line else min(8.5, 14.0 * tile_in)
-    return _mosaic(imgs, titles, colors, ncols=ncols, tile_in=tile_in, fontsize=fontsize, dpi=dpi,
-                   title_lines=1 if one_line else 2)
+    return _mosaic(
+        imgs, titles, colors, ncols=ncols, tile_in=tile_in, fontsize=fontsize, dpi=dpi, title_lines=1 if one_line else 2
+    )
 
 
 def confusion_matrix(
@@ -341,8 +345,15 @@ def _write_counts(ax, matrix: np.ndarray, share: np.ndarray) -> None:
     for i in range(n_true):
         for j in range(n_pred):
             if matrix[i, j]:
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=fontsize,
-                        color="white" if share[i, j] > 0.55 else INK)
+                ax.text(
+                    j,
+                    i,
+                    str(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if share[i, j] > 0.55 else INK,
+                )
 
 
 def _share_colorbar(fig: Figure, ax, image) -> None:
@@ -370,9 +381,7 @@ def misclassified_gallery(
     return _mosaic(imgs, titles, [RED] * len(titles), ncols=8, tile_in=1.1, fontsize=9, dpi=dpi)
 
 
-def inertia_per_epoch(
-    curves: Mapping[int, Sequence[float]], *, epochs: int | None = None, dpi: int = DPI
-) -> bytes:
+def inertia_per_epoch(curves: Mapping[int, Sequence[float]], *, epochs: int | None = None, dpi: int = DPI) -> bytes:
     """(g) Inertia after each pass over the training data, one line per K: absolute (left) and relative to the
     last pass (right).
 
@@ -425,5 +434,6 @@ def _pass_axis(ax, n_max: int, epochs: int | None) -> None:
     ax.set_xlim(0.7, n_max + 0.3)
     if epochs is not None:
         ax.axvline(epochs + 0.5, color=GREY, linestyle=":", linewidth=1.2)
-        ax.text(epochs + 0.6, 1.0, "after the epochs", transform=ax.get_xaxis_transform(), fontsize=8,
-                color=MUTED, va="top")
+        ax.text(
+            epochs + 0.6, 1.0, "after the epochs", transform=ax.get_xaxis_transform(), fontsize=8, color=MUTED, va="top"
+        )

@@ -91,35 +91,48 @@ def _training_digits(run: RunData, draw: Draw) -> ReportFigure | str:
     if not len(images):
         return "samples.zarr holds no training digits to show."
     return ReportFigure(
-        "training_digits", f"The first {len(images)} training digits",
+        "training_digits",
+        f"The first {len(images)} training digits",
         "The first rows of the training split with their true labels, as the seed notebook shows them.",
         "Grid of the first training digits, each titled 'Number' and its label.",
-        draw(figures.training_digits, images, labels))
+        draw(figures.training_digits, images, labels),
+    )
 
 
 def _inertia_vs_k(run: RunData, seed: SeedRows | None, draw: Draw) -> ReportFigure:
     return ReportFigure(
-        "inertia_vs_k", "Inertia against K",
+        "inertia_vs_k",
+        "Inertia against K",
         "Sum over all training rows of the squared distance to the nearest centroid (pixels scaled to [0, 1]). "
         "It falls as K grows whatever the data; a bend (“elbow”) hints at a natural number of clusters."
         + _seed_note(seed),
         "Line chart of inertia against K.",
-        draw(figures.inertia_vs_k, _column(run, "k"), _column(run, "inertia"),
-             seed={k: r["inertia"] for k, r in seed.items()} if seed is not None else None))
+        draw(
+            figures.inertia_vs_k,
+            _column(run, "k"),
+            _column(run, "inertia"),
+            seed={k: r["inertia"] for k, r in seed.items()} if seed is not None else None,
+        ),
+    )
 
 
 def _scores_vs_k(run: RunData, seed: SeedRows | None, draw: Draw) -> ReportFigure:
     scores = [_column(run, key) for key in ("homogeneity", "accuracy_train", "accuracy_test", "ari", "nmi")]
     return ReportFigure(
-        "scores_vs_k", "Homogeneity and accuracy against K",
+        "scores_vs_k",
+        "Homogeneity and accuracy against K",
         "Left, the seed notebook's view: homogeneity and accuracy (each cluster votes for the most frequent label of "
         "its training rows) rise with K by construction — with one cluster per row both reach 100 % — so they show "
         "how well clusters separate digits, not which K is best. Right: ARI and NMI on the training split, which do "
-        "not reward extra clusters for free and are fair across K."
-        + _seed_note(seed),
+        "not reward extra clusters for free and are fair across K." + _seed_note(seed),
         "Two line charts: homogeneity and train and test accuracy against K; ARI and NMI against K.",
-        draw(figures.scores_vs_k, _column(run, "k"), *scores,
-             seed={k: (r["homogeneity"], r["accuracy_train"]) for k, r in seed.items()} if seed is not None else None))
+        draw(
+            figures.scores_vs_k,
+            _column(run, "k"),
+            *scores,
+            seed={k: (r["homogeneity"], r["accuracy_train"]) for k, r in seed.items()} if seed is not None else None,
+        ),
+    )
 
 
 def _coverage(label_map: Sequence[int | None], n_classes: int) -> str:
@@ -127,21 +140,28 @@ def _coverage(label_map: Sequence[int | None], n_classes: int) -> str:
     covered = {v for v in label_map if v is not None}
     missing = [c for c in range(n_classes) if c not in covered]
     n_empty = sum(v is None for v in label_map)
-    detail = (f" No centroid stands for class {', '.join(map(str, missing))}." if missing
-              else f" Every one of the {n_classes} classes has at least one centroid.")
+    detail = (
+        f" No centroid stands for class {', '.join(map(str, missing))}."
+        if missing
+        else f" Every one of the {n_classes} classes has at least one centroid."
+    )
     if n_empty:
         detail += f" {n_empty} cluster{'s' if n_empty > 1 else ''} received no training rows (“none”)."
     return detail
 
 
 def _centroid_grids(run: RunData, draw: Draw) -> list[ReportFigure]:
-    return [ReportFigure(
-        f"centroids_k{k}", f"The K={k} centroids",
-        f"Each centroid drawn as an image and titled “Inferred label: d”, the most frequent true label of the "
-        f"training rows nearest to it.{_coverage(run.label_maps[k], run.n_classes)}",
-        f"Grid of the {k} centroid images, each titled 'Inferred label' and its label.",
-        draw(figures.centroid_grid, centroids, run.label_maps[k], run.image_shape),
-    ) for k, centroids in run.centroids.items()]
+    return [
+        ReportFigure(
+            f"centroids_k{k}",
+            f"The K={k} centroids",
+            f"Each centroid drawn as an image and titled “Inferred label: d”, the most frequent true label of the "
+            f"training rows nearest to it.{_coverage(run.label_maps[k], run.n_classes)}",
+            f"Grid of the {k} centroid images, each titled 'Inferred label' and its label.",
+            draw(figures.centroid_grid, centroids, run.label_maps[k], run.image_shape),
+        )
+        for k, centroids in run.centroids.items()
+    ]
 
 
 def _confusion(run: RunData, draw: Draw) -> ReportFigure:
@@ -151,15 +171,22 @@ def _confusion(run: RunData, draw: Draw) -> ReportFigure:
     correct = int(np.trace(matrix[:, :n_classes]))
     unmapped = int(matrix[:, n_classes].sum()) if len(pred_names) > n_classes else 0
     return ReportFigure(
-        f"confusion_test_k{best_k}", f"Confusion matrix of the test split, K={best_k}",
+        f"confusion_test_k{best_k}",
+        f"Confusion matrix of the test split, K={best_k}",
         f"Rows: true label; columns: the inferred label of the cluster each test row falls in (label map learned on "
         f"the training split only). {correct:,} of {total:,} test rows are right "
         f"({fmt_pct(correct / total if total else float('nan'))})."
         + (f" {unmapped:,} rows fall in clusters without a label (column “none”)." if unmapped else "")
         + " Cells are shaded by their share of the row.",
         f"Confusion matrix of the test split for K={best_k}.",
-        draw(figures.confusion_matrix, matrix, [str(c) for c in range(n_classes)], pred_names,
-             title=f"Test split, K={best_k}"))
+        draw(
+            figures.confusion_matrix,
+            matrix,
+            [str(c) for c in range(n_classes)],
+            pred_names,
+            title=f"Test split, K={best_k}",
+        ),
+    )
 
 
 def _misclassified(run: RunData, draw: Draw) -> ReportFigure | str:
@@ -167,11 +194,13 @@ def _misclassified(run: RunData, draw: Draw) -> ReportFigure | str:
     if not len(images):
         return "No misclassified test digits to show."
     return ReportFigure(
-        "misclassified", "Misclassified test digits",
+        "misclassified",
+        "Misclassified test digits",
         f"The first {len(images)} test digits whose cluster's inferred label is wrong at K={k or run.best_k}, "
         "titled “true → predicted”.",
         "Grid of misclassified test digits with their true and predicted labels.",
-        draw(figures.misclassified_gallery, images, true, pred))
+        draw(figures.misclassified_gallery, images, true, pred),
+    )
 
 
 def _common_epochs(results: Sequence[Mapping[str, Any]]) -> int | None:
@@ -186,11 +215,13 @@ def _inertia_per_epoch(run: RunData, draw: Draw) -> ReportFigure | str:
         return "metrics.json holds no 'inertia_per_epoch' for any K."
     how = run.metrics.get("inertia_per_epoch_note")
     return ReportFigure(
-        "inertia_per_epoch", "Inertia per epoch",
+        "inertia_per_epoch",
+        "Inertia per epoch",
         "Training inertia after each epoch, one line per K; right, the same relative to the last epoch, so "
         "convergence reads on one scale for every K." + (f" Measured: {how}." if isinstance(how, str) else ""),
         "Line charts of inertia after each epoch for every K.",
-        draw(figures.inertia_per_epoch, curves, epochs=_common_epochs(run.results)))
+        draw(figures.inertia_per_epoch, curves, epochs=_common_epochs(run.results)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- all of them

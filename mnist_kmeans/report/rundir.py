@@ -83,8 +83,14 @@ def _check_result(entry: Any, path: Path, where: str) -> None:
     for key in METRIC_KEYS:
         _need(entry, key, path, where, is_num, "a number")
     if "inertia_per_epoch" in entry:
-        _need(entry, "inertia_per_epoch", path, where,
-              lambda v: isinstance(v, list) and all(is_num(x) for x in v), "a list of numbers")
+        _need(
+            entry,
+            "inertia_per_epoch",
+            path,
+            where,
+            lambda v: isinstance(v, list) and all(is_num(x) for x in v),
+            "a list of numbers",
+        )
 
 
 def _read_metrics(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -118,8 +124,9 @@ def _read_evaluation(run_dir: Path, metrics: Mapping[str, Any], ks: Sequence[int
     evaluation = _read_json(path)
     best_k = metrics.get("best_k", evaluation.get("best_k"))
     if not is_int(best_k) or best_k not in ks:
-        raise UserError(f"{run_dir / 'metrics.json'}: key 'best_k' must be one of the K values of 'results' {ks}, "
-                        f"got {best_k!r}")
+        raise UserError(
+            f"{run_dir / 'metrics.json'}: key 'best_k' must be one of the K values of 'results' {ks}, got {best_k!r}"
+        )
     n_classes = evaluation.get("n_classes", metrics.get("dataset", {}).get("n_classes"))
     if not is_int(n_classes) or n_classes < 1:
         raise UserError(f"{path}: key 'n_classes' must be a positive integer, got {n_classes!r}")
@@ -131,8 +138,7 @@ def _read_evaluation(run_dir: Path, metrics: Mapping[str, Any], ks: Sequence[int
     except ValueError:
         raise UserError(f"{path}: 'contingency.{best_k}.test' is not a table of integers") from None
     if test.shape != (best_k, n_classes):
-        raise UserError(f"{path}: 'contingency.{best_k}.test' has shape {test.shape}, "
-                        f"expected ({best_k}, {n_classes})")
+        raise UserError(f"{path}: 'contingency.{best_k}.test' has shape {test.shape}, expected ({best_k}, {n_classes})")
     return _Evaluation(best_k, n_classes, test)
 
 
@@ -144,8 +150,10 @@ def _read_label_maps(run_dir: Path, ks: Sequence[int], n_classes: int) -> dict[i
     for k in ks:
         label_map = raw_maps.get(str(k))
         if not isinstance(label_map, list) or len(label_map) != k:
-            raise UserError(f"{path}: key '{k}' must be a list of {k} entries (one per cluster), "
-                            f"got {'nothing' if label_map is None else json.dumps(label_map)[:40]}")
+            raise UserError(
+                f"{path}: key '{k}' must be a list of {k} entries (one per cluster), "
+                f"got {'nothing' if label_map is None else json.dumps(label_map)[:40]}"
+            )
         if not all(v is None or (is_int(v) and 0 <= v < n_classes) for v in label_map):
             raise UserError(f"{path}: key '{k}' holds an entry that is neither null nor a class in 0..{n_classes - 1}")
         label_maps[k] = label_map
@@ -227,14 +235,19 @@ def _read_samples(run_dir: Path, image_shape: tuple[int, int]) -> _Samples:
     wrong = _images(wrong, image_shape, path, "misclassified")
     true, pred = wrong_attrs.get("true"), wrong_attrs.get("pred")
     if not (isinstance(true, list) and isinstance(pred, list) and len(true) == len(pred) == len(wrong)):
-        raise UserError(f"{path}: array 'misclassified' needs attributes 'true' and 'pred' "
-                        f"with {len(wrong)} entries each")
+        raise UserError(
+            f"{path}: array 'misclassified' needs attributes 'true' and 'pred' with {len(wrong)} entries each"
+        )
     wrong_k = wrong_attrs.get("k")
     return _Samples(
         train_first=(first, [int(v) for v in first_labels]),
         # an unmapped prediction may be written as null or as a negative class
-        misclassified=(wrong, [int(v) for v in true], [None if v is None or int(v) < 0 else int(v) for v in pred],
-                       int(wrong_k) if is_int(wrong_k) else None),
+        misclassified=(
+            wrong,
+            [int(v) for v in true],
+            [None if v is None or int(v) < 0 else int(v) for v in pred],
+            int(wrong_k) if is_int(wrong_k) else None,
+        ),
     )
 
 
@@ -254,8 +267,11 @@ def _job_centroid_grids(job_yaml: str | None, ks: Sequence[int], best_k: int) ->
     shown = [k for k in dict.fromkeys(wanted) if k in ks]
     skipped = [k for k in wanted if k not in ks]
     if not shown:
-        why = f"K={', '.join(map(str, skipped))} of report.centroid_grids is not in this run's K grid" if skipped \
+        why = (
+            f"K={', '.join(map(str, skipped))} of report.centroid_grids is not in this run's K grid"
+            if skipped
             else "job.yaml names no report.centroid_grids"
+        )
         return [best_k], f"{why}; showing the best K instead."
     if skipped:
         return shown, f"K={', '.join(map(str, skipped))} of report.centroid_grids is not in this run's K grid."
