@@ -36,7 +36,7 @@ LLOYD_STEPS = 1
 SCREEN_ROWS = 1000  # restarts compared after 2 of the 6 training chunks
 SEED = 3
 CLUSTER_FILE = 'local: {n_workers: 2, threads_per_worker: 1, memory_limit: 2GiB, dashboard_address: "127.0.0.1:0"}\n'
-SPEC_RESULT_KEYS = {
+CONTRACT_RESULT_KEYS = {
     "k",
     "inertia",
     "homogeneity",
@@ -50,8 +50,8 @@ SPEC_RESULT_KEYS = {
     "epochs",
     "fit_seconds",
 }
-SPEC_TIMINGS = {"cluster_start_s", "ingest_s", "fit_s", "evaluate_s", "report_s", "total_s"}
-SPEC_CLUSTER = {"scheduler", "n_workers", "threads", "dashboard"}
+CONTRACT_TIMINGS = {"cluster_start_s", "ingest_s", "fit_s", "evaluate_s", "report_s", "total_s"}
+CONTRACT_CLUSTER = {"scheduler", "n_workers", "threads", "dashboard"}
 RUN_TIMEOUT = 240
 
 
@@ -216,7 +216,7 @@ def test_metrics_json_schema_and_values(local_run: Run, setup: Setup) -> None:
     results = metrics["results"]
     assert [row["k"] for row in results] == sorted(K_GRID)  # one entry per K, ascending
     for row in results:
-        assert set(row) >= SPEC_RESULT_KEYS, SPEC_RESULT_KEYS - set(row)
+        assert set(row) >= CONTRACT_RESULT_KEYS, CONTRACT_RESULT_KEYS - set(row)
         assert type(row["k"]) is int and type(row["n_empty_clusters"]) is int and row["epochs"] == EPOCHS
         for key in (
             "inertia",
@@ -233,11 +233,11 @@ def test_metrics_json_schema_and_values(local_run: Run, setup: Setup) -> None:
         for key in ("homogeneity", "completeness", "v_measure", "nmi", "accuracy_train", "accuracy_test"):
             assert -1e-9 <= row[key] <= 1 + 1e-9, key  # (sklearn's entropies can round to 1 + 1e-16)
         assert -1 <= row["ari"] <= 1 + 1e-9 and row["inertia"] > 0 and row["fit_seconds"] >= 0
-    assert set(metrics["timings"]) >= SPEC_TIMINGS
+    assert set(metrics["timings"]) >= CONTRACT_TIMINGS
     assert all(isinstance(v, (int, float)) and v >= 0 for v in metrics["timings"].values())
     assert metrics["timings"]["total_s"] >= metrics["timings"]["fit_s"]
     assert metrics["timings"]["total_s"] <= local_run.seconds
-    assert set(metrics["cluster"]) >= SPEC_CLUSTER
+    assert set(metrics["cluster"]) >= CONTRACT_CLUSTER
     assert metrics["cluster"]["scheduler"].startswith("tcp://127.0.0.1:")
     assert (metrics["cluster"]["n_workers"], metrics["cluster"]["threads"]) == (2, 2)
     assert metrics["cluster"]["dashboard"].startswith("http://")
