@@ -206,6 +206,29 @@ def stop_session(proc: subprocess.Popen) -> None:
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def worker_args(address: str, local_directory: Path) -> list[str]:
+    """``dask worker`` arguments for one worker process of one thread and 2 GiB on loopback (a nanny unless the
+    caller adds ``--no-nanny``)."""
+    return [
+        "worker",
+        address,
+        "--nthreads",
+        "1",
+        "--nworkers",
+        "1",
+        "--memory-limit",
+        "2GiB",
+        "--host",
+        "127.0.0.1",
+        "--dashboard-address",
+        "127.0.0.1:0",
+        "--death-timeout",
+        "120",
+        "--local-directory",
+        str(local_directory),
+    ]
+
+
 class DaskCluster:
     """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1, each in its own session so that a test can
     kill one alone; ``tls`` = ``{"ca_file", "cert", "key"}`` makes every process speak ``tls://`` with those files."""
@@ -276,25 +299,7 @@ class DaskCluster:
     def add_worker(self, nanny: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
         """One worker process of one thread (``nanny``: under a nanny, which restarts it when it dies)."""
         self._n += 1
-        args = [
-            "worker",
-            self.address,
-            "--nthreads",
-            "1",
-            "--nworkers",
-            "1",
-            "--memory-limit",
-            "2GiB",
-            "--host",
-            "127.0.0.1",
-            "--dashboard-address",
-            "127.0.0.1:0",
-            "--death-timeout",
-            "120",
-            "--local-directory",
-            str(self.root / f"worker{self._n}"),
-            *self._tls_args(),
-        ]
+        args = [*worker_args(self.address, self.root / f"worker{self._n}"), *self._tls_args()]
         if not nanny:
             args.append("--no-nanny")
         proc = self._spawn(f"worker{self._n}", args, env)

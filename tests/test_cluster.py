@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,22 +151,18 @@ def cluster_file(directory: Path, scheduler: str, tls: tuple[str, str] | None) -
     return path
 
 
+def run_job(job_file: Path, cluster: Path, store: str, out: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "run", str(job_file), "--cluster", str(cluster), "--store", store, "--out", str(out), timeout=timeout
+    )
+
+
 def test_job_runs_over_tls(
     certs: Path, tls_cluster: DaskCluster, job_file: Path, kgrid_store: tuple[str, IdxDataset], tmp_path: Path
 ) -> None:
     assert tls_cluster.address.startswith("tls://")
     cfile = cluster_file(certs, tls_cluster.address, ("client.pem", "client-key.pem"))
-    proc = run_cli(
-        "run",
-        str(job_file),
-        "--cluster",
-        str(cfile),
-        "--store",
-        kgrid_store[0],
-        "--out",
-        str(tmp_path / "run"),
-        timeout=300,
-    )
+    proc = run_job(job_file, cfile, kgrid_store[0], tmp_path / "run", timeout=300)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["cluster"]["scheduler"] == tls_cluster.address
@@ -194,17 +191,7 @@ def test_client_without_trusted_certificate_is_refused(
 ) -> None:
     address = tls_cluster.address.replace("tls://", f"{scheme}://")
     cfile = cluster_file(certs, address, tls)
-    proc = run_cli(
-        "run",
-        str(job_file),
-        "--cluster",
-        str(cfile),
-        "--store",
-        kgrid_store[0],
-        "--out",
-        str(tmp_path / "run"),
-        timeout=120,
-    )
+    proc = run_job(job_file, cfile, kgrid_store[0], tmp_path / "run", timeout=120)
     assert proc.returncode == 3, f"{case}: exit {proc.returncode}\n{proc.stderr}"
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
