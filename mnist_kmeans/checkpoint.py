@@ -22,15 +22,72 @@ stays valid. What a resume reads back is checked against the arrays it indexes, 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from mnist_kmeans.errors import UserError
+from mnist_kmeans.errors import UserError, one_line, shorten
 from mnist_kmeans.fit import ChainState
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """What the checkpoint of one job must hold: a resume checks the saved one against it (:meth:`Checkpoint.open`).
+
+    ``restarts`` maps every K of the job to its number of restarts.
+    """
+
+    image_shape: tuple[int, int]
+    restarts: dict[int, int]
+    epochs: int
+    lloyd_steps: int
+
+    def check_group(self, group: zarr.Group, path: str | Path | None) -> None:
+        shape = group.attrs.get("image_shape")
+        if shape != list(self.image_shape):
+            raise UserError(
+                f"{path}: attribute image_shape is {shorten(shape)}, the store's images are "
+                f"{self.image_shape[0]}x{self.image_shape[1]}; start a new run"
+            )
+
+    def check_chain(self, chain: zarr.Group, k: int, restart: int, done: tuple[int, int], where: str) -> None:
+        """One saved chain: of a (K, restart) of the job, its arrays of the job's shape, its saved numbers finite."""
+        name = f"{where}/k{k}/r{restart}"
+        if restart >= self.restarts.get(k, 0):
+            raise UserError(f"{name}: not a chain of this job (K={k} restart {restart}); start a new run")
+        n_features = self.image_shape[0] * self.image_shape[1]
+        epochs_done, lloyd_done = done
+        expected = {
+            "centers": ((self.epochs, k, n_features), epochs_done),
+            "counts": ((self.epochs, k), epochs_done),
+            "lloyd": ((max(self.lloyd_steps, 1), k, n_features), lloyd_done),
+        }
+        if epochs_done == 0 and lloyd_done == 0 and not all(a in chain for a in expected):
+            return  # made in part by a failed write: nothing of it is used
+        for array_name, (shape, n_saved) in expected.items():
+            array = chain[array_name]
+            if array.shape != shape:
+                raise UserError(f"{name}/{array_name}: shape {array.shape}, this job's is {shape}; start a new run")
+            saved = np.asarray(array[:n_saved])
+            if not np.isfinite(saved).all() or (array_name == "counts" and (saved < 0).any()):
+                raise UserError(f"{name}/{array_name}: damaged checkpoint (holds NaN, infinity or a negative count)")
+        attrs = dict(chain.attrs)
+        for key in ("screen_inertia", "epoch_inertia", "lloyd_inertia"):
+            values = attrs.get(key, [])
+            if not isinstance(values, list) or not all(_finite_number(v) for v in values):
+                raise UserError(f"{name}: damaged checkpoint (attribute {key} holds a value that is not finite)")
+        for key in ("n_since_last_reassign", "n_steps"):
+            if any(v < 0 for v in attrs[key][:epochs_done]):
+                raise UserError(f"{name}: damaged checkpoint (attribute {key} holds a negative count)")
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @contextlib.contextmanager
@@ -57,17 +114,22 @@ class Checkpoint:
         return cls(group, path)
 
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
+    def open(cls, path: str | Path, layout: CheckpointLayout | None = None) -> Checkpoint:
+        """The checkpoint at ``path``, validated (:meth:`check`): against ``layout`` too when given."""
         try:
             group = zarr.open_group(store=str(path), mode="r+", use_consolidated=False, zarr_format=3)
         except Exception as exc:
-            raise UserError(f"{path}: cannot open the checkpoint: {type(exc).__name__}: {exc}") from None
+            raise UserError(f"{path}: cannot open the checkpoint: {one_line(exc, with_type=True)}") from None
         ckpt = cls(group, path)
-        ckpt.check()
+        ckpt.check(layout)
         return ckpt
 
-    def check(self) -> None:
-        """Validate every saved chain (see :meth:`progress`) now, before a cluster starts or anything is written."""
+    def check(self, layout: CheckpointLayout | None = None) -> None:
+        """Validate every saved chain now, before a cluster starts or anything is written: what its attributes claim
+        against the arrays they index (:meth:`progress`), and with ``layout``, that it belongs to that job and that
+        every saved number is finite (a resume would otherwise fit on, then fail writing its results)."""
+        if layout is not None:
+            layout.check_group(self.group, self.path)
         chains = self.group.get("chains")
         if chains is None:
             return
@@ -76,8 +138,11 @@ class Checkpoint:
             names = [(kname, rname) for kname, kgroup in chains.groups() for rname, _ in kgroup.groups()]
         for kname, rname in names:
             if not (kname[:1] == "k" and kname[1:].isdigit() and rname[:1] == "r" and rname[1:].isdigit()):
-                raise UserError(f"{self.path}/chains/{kname}/{rname}: not a chain of this project; start a new run")
-            self.progress(int(kname[1:]), int(rname[1:]))
+                raise UserError(f"{self.path}/chains/{shorten(kname)}/{shorten(rname)}: not a chain of this project")
+            k, restart = int(kname[1:]), int(rname[1:])
+            done = self.progress(k, restart)
+            if layout is not None:
+                layout.check_chain(self.group[f"chains/{kname}/{rname}"], k, restart, done, f"{self.path}/chains")
 
     # --- chains ---------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ Every problem is a :class:`~mnist_kmeans.errors.UserError` whose one-line messag
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,15 @@ import yaml
 
 from mnist_kmeans.errors import UserError
 
-DEFAULT_STORE = "data/mnist.zarr"
-DEFAULT_SOURCE = "data/mnist"
+
+def data_home() -> Path:
+    """Where the default source and store live: ``$MNIST_KMEANS_DATA``, else ``data/`` of this checkout (like
+    scikit-learn's ``get_data_home``), so that a job runs from any working directory (docs/contract.md, "Job files")."""
+    return Path(os.environ.get("MNIST_KMEANS_DATA") or Path(__file__).resolve().parent.parent / "data")
+
+
+DEFAULT_STORE = str(data_home() / "mnist.zarr")
+DEFAULT_SOURCE = str(data_home() / "mnist")
 
 
 @dataclass(frozen=True)
@@ -208,7 +216,7 @@ def load_job(path: str | Path) -> JobConfig:
     return JobConfig(
         name=name,
         k_grid=k_grid,
-        store=checker.text("store") or DEFAULT_STORE,  # `store:` left empty means the default, not a store named None
+        store=_job_store(checker.text("store"), Path(path).parent),
         epochs=checker.integer("epochs", JobConfig.epochs, minimum=1, maximum=MAX_EPOCHS),
         batch_size=checker.integer("batch_size", JobConfig.batch_size, minimum=1, maximum=MAX_BATCH),
         n_init=(
@@ -221,6 +229,22 @@ def load_job(path: str | Path) -> JobConfig:
         seed=checker.integer("seed", JobConfig.seed, minimum=0, maximum=2**32 - 1),
         centroid_grids=grids,
     )
+
+
+def _job_store(store: str | None, base: Path) -> str:
+    """A job file's ``store:``: a URL as given, a path made absolute from the job file's directory; left out or empty,
+    the default store (not a store named None)."""
+    if store is None:
+        return DEFAULT_STORE
+    return store if "://" in store else os.path.abspath(base / os.path.expanduser(store))
+
+
+def local_path_option(value: str | None) -> str | None:
+    """A path or URL given on the command line: a local path made absolute from the working directory, so that it
+    means the same on workers that run elsewhere; URLs as given."""
+    if value is None or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def with_overrides(job: JobConfig, **overrides: Any) -> JobConfig:

@@ -38,6 +38,13 @@ def shorten(text: object, limit: int = MAX_VALUE) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 class", "10 classes", "2 epochs"."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x")) else f"{n} {noun}s"
+
+
 def one_line(exc: BaseException, *, with_type: bool = False, limit: int = MAX_LINE) -> str:
     """The message of ``exc`` as one bounded line; ``with_type`` prefixes its class name (for foreign exceptions,
     whose message alone may be empty or cryptic)."""

@@ -199,13 +199,15 @@ def cluster_metrics(contingency_train: np.ndarray) -> dict[str, float]:
 
     y_true, y_pred = label_vectors(contingency_train)
     h, c, v = skm.homogeneity_completeness_v_measure(y_true, y_pred)
-    return {
-        "homogeneity": float(h),
-        "completeness": float(c),
-        "v_measure": float(v),
-        "ari": float(skm.adjusted_rand_score(y_true, y_pred)),
-        "nmi": float(skm.normalized_mutual_info_score(y_true, y_pred)),
+    scores = {
+        "homogeneity": h,
+        "completeness": c,
+        "v_measure": v,
+        "ari": skm.adjusted_rand_score(y_true, y_pred),
+        "nmi": skm.normalized_mutual_info_score(y_true, y_pred),
     }
+    # Each is at most 1 by definition; ratios of entropies can round to 1.0000000000000009 (one cluster per class).
+    return {name: min(float(value), 1.0) for name, value in scores.items()}
 
 
 def misclassified_task(

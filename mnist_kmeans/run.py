@@ -30,10 +30,20 @@ import numpy as np
 import yaml
 
 from mnist_kmeans import __version__
-from mnist_kmeans.checkpoint import Checkpoint
-from mnist_kmeans.config import DEFAULT_SOURCE, ClusterConfig, JobConfig, load_cluster, load_job, with_overrides
-from mnist_kmeans.data.store import StoreInfo, is_remote, open_store, read_attrs, read_rows
-from mnist_kmeans.errors import ClusterError, Log, UserError, to_stderr
+from mnist_kmeans.checkpoint import Checkpoint, CheckpointLayout
+from mnist_kmeans.claim import RunDirClaim, claim_run_dir
+from mnist_kmeans.config import (
+    DEFAULT_SOURCE,
+    DEFAULT_STORE,
+    ClusterConfig,
+    JobConfig,
+    load_cluster,
+    load_job,
+    local_path_option,
+    with_overrides,
+)
+from mnist_kmeans.data.store import StoreInfo, open_store, read_attrs, read_rows
+from mnist_kmeans.errors import ClusterError, Log, UserError, count, shorten, to_stderr
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
@@ -69,11 +79,12 @@ class JobRun:
     argv: Sequence[str]  # the command line, recorded in the manifest and the performance report
     run_dir: Path
     resuming: bool
-    info: StoreInfo
+    info: StoreInfo | None  # None until the default store is ingested (:func:`ingest_default`)
     ingest_s: float
     checkpoint: Checkpoint | None  # the resumed run's; a new run's is created once the cluster answers
     started: str  # UTC, ISO 8601
     t_start: float  # ``time.perf_counter()`` when the job started, for ``total_s``
+    claim: RunDirClaim  # held until the job ends
 
     @property
     def job_yaml(self) -> str:
@@ -130,16 +141,22 @@ def prepare(
     log: Log,
     t_start: float,
 ) -> JobRun:
-    """Read the job and cluster files, check the run directory, open (or ingest) the store. Writes nothing."""
-    job = with_overrides(load_job(job_file), store=store)
+    """Read the job and cluster files, open the store, claim the run directory; writes nothing else.
+
+    The default store, when it is not there yet, is ingested only once the cluster runs (:func:`ingest_default`), so
+    that the dashboard line comes first; every other store must be there and complete.
+    """
+    job = with_overrides(load_job(job_file), store=local_path_option(store))
+    _refuse_process_local(job.store)
     cluster = load_cluster(cluster_file)
     run_dir, resuming = _prepare_run_dir(job, out, resume)
-    info, ingest_s = ensure_store(job.store, log)
-    check_job_against_data(job, job_file, info)
+    info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log)[0]
     checkpoint = None
+    if info is not None:
+        check_job_against_data(job, job_file, info)
     if resuming:
         _check_same_store(run_dir, info)
-        checkpoint = Checkpoint.open(run_dir / "centroids.zarr")  # validated before any cluster starts
+        checkpoint = Checkpoint.open(run_dir / "centroids.zarr", checkpoint_layout(job, info))
     return JobRun(
         job_file=job_file,
         job=job,
@@ -149,20 +166,50 @@ def prepare(
         run_dir=run_dir,
         resuming=resuming,
         info=info,
-        ingest_s=ingest_s,
+        ingest_s=0.0,
         checkpoint=checkpoint,
         started=_utc_now(),
         t_start=t_start,
+        claim=claim_run_dir(run_dir, resuming),  # last: a refusal above leaves nothing to undo
     )
 
 
+def _refuse_process_local(url: str) -> None:
+    """A ``memory://`` store lives in one process: workers would not see it, and it would vanish with ``run``."""
+    if url.startswith("memory://"):
+        raise UserError(f"{shorten(url)}: a memory:// store lives in one process only; use a path or a shared URL")
+
+
+def _to_ingest(url: str) -> bool:
+    """Whether ``url`` is the default store and holds no complete store yet (docs/contract.md, "run")."""
+    if url != DEFAULT_STORE:
+        return False
+    attrs = read_attrs(url)
+    return attrs is None or attrs.get("complete") is not True
+
+
+def ingest_default(run: JobRun, log: Log) -> JobRun:
+    """``run`` with its store open: the default store ingested now if :func:`prepare` left it to do."""
+    if run.info is not None:
+        return run
+    info, ingest_s = ensure_store(run.job.store, log)
+    check_job_against_data(run.job, run.job_file, info)
+    return dataclasses.replace(run, info=info, ingest_s=ingest_s)
+
+
+def checkpoint_layout(job: JobConfig, info: StoreInfo) -> CheckpointLayout:
+    """What the checkpoint of ``job`` on ``info`` must hold; a resume checks the saved one against it."""
+    restarts = {k: job.restarts(k) for k in job.k_grid}
+    return CheckpointLayout(info.image_shape, restarts, job.epochs, job.lloyd_steps)
+
+
 def ensure_store(url: str, log: Log) -> tuple[StoreInfo, float]:
-    """Open the job's store; a missing or unfinished local store is first ingested from ``data/mnist/``."""
+    """Open the job's store; a missing or unfinished default store is first ingested from the default source."""
     t0 = time.perf_counter()
     attrs = read_attrs(url)
     if attrs is None or attrs.get("complete") is not True:
-        if is_remote(url):
-            return open_store(url), 0.0  # raises the "no store / incomplete" error: we never write a remote store here
+        if url != DEFAULT_STORE:
+            return open_store(url), 0.0  # raises the "no store / incomplete" error: only the default is ingested
         if attrs is not None and attrs.get("format") not in (None, "mnist-kmeans/1"):
             return open_store(url), 0.0  # a store of another format: refuse, do not overwrite
         from mnist_kmeans.data.ingest import ingest
@@ -182,11 +229,24 @@ def check_job_against_data(job: JobConfig, job_file: str, info: StoreInfo) -> No
 def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None) -> tuple[Path, bool]:
     """The run directory and whether it is a resume; refuses anything that would mix or overwrite runs."""
     if resume:
-        return _run_dir_to_resume(job, Path(resume)), True
-    run_dir = Path(out) if out else Path("runs") / f"{job.slug}-{utc_stamp()}"
+        run_dir = Path(os.path.abspath(resume))
+        if out is not None and Path(os.path.abspath(out)) != run_dir:
+            raise UserError(f"--out {shorten(out)}: a resume writes into its run directory {run_dir}; drop --out")
+        return _run_dir_to_resume(job, run_dir), True
+    run_dir = Path(os.path.abspath(out)) if out else _default_run_dir(job)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir} to continue it)")
     return run_dir, False
+
+
+def _default_run_dir(job: JobConfig) -> Path:
+    """``runs/<job>-<UTC timestamp>``, with a suffix when a run of the same second has taken that name."""
+    base = Path(os.path.abspath("runs")) / f"{job.slug}-{utc_stamp()}"
+    for n in range(1, 100):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not candidate.exists():
+            return candidate
+    return base  # refused by the caller as not empty
 
 
 def _run_dir_to_resume(job: JobConfig, run_dir: Path) -> Path:
@@ -234,8 +294,8 @@ def run_job(
     log: Log | None = None,
 ) -> Path:
     """Run a job file end to end and return the path of its report."""
-    t_start = time.perf_counter()
-    run = prepare(job_file, cluster_file, store, out, resume, argv, log or to_stderr, t_start)
+    t_start, log = time.perf_counter(), log or to_stderr
+    run = prepare(job_file, cluster_file, store, out, resume, argv, log, t_start)
     from mnist_kmeans.cluster import connect, wait_closed  # only now: a bad job file answers without importing dask
 
     try:
@@ -243,10 +303,11 @@ def run_job(
         with connect(run.cluster, scheduler) as (client, cluster_info):
             cluster_start_s = time.perf_counter() - t_connect
             print(f"dashboard: {cluster_info.dashboard}", flush=True)
-            session = start_run_dir(run, client, cluster_info, cluster_start_s)
+            session = start_run_dir(ingest_default(run, log), client, cluster_info, cluster_start_s)
             final_timings, report = _results_and_reports(session)
             return report.write(final_timings)
     finally:
+        run.claim.release()
         wait_closed()  # an embedded cluster may still be closing behind the report
 
 
@@ -255,7 +316,6 @@ def start_run_dir(run: JobRun, client: Client, cluster_info: ClusterInfo, cluste
     manifest = _manifest(run, cluster_info)
     checkpoint = run.checkpoint
     if not run.resuming:
-        _make_run_dir(run.run_dir)
         write_atomic(run.run_dir / "job.yaml", run.job_yaml)
         write_json(run.run_dir / "manifest.json", manifest)
         checkpoint = Checkpoint.create(run.run_dir / "centroids.zarr", run.info.image_shape)
@@ -311,28 +371,24 @@ def _installed_version(dist: str) -> str:
         return "not installed"
 
 
-def _make_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{run_dir}: cannot create run directory: {exc.strerror or exc}") from None
-
-
 def _results_and_reports(session: ClusterRun) -> tuple[_FinalTimings, _Report]:
     """Fit, evaluate and write the results, under a performance report; the figures are left drawing."""
     run = session.run
     t_fit = time.perf_counter()
-    with _one_line_errors(session):
-        # written under a temporary name and renamed: a cut-short run never leaves a truncated report
-        partial_report = run.run_dir / ".dask-performance.html.partial"
-        with _performance_report(str(partial_report), shlex.join(run.argv) + "\n\n" + run.job_yaml):
-            results = evaluate_run(session, t_fit)
-            metrics = write_results(session, results)
-            if run.resuming:
-                _record_resume(session)
-            t_report = time.perf_counter()
-            report = _Report(run.run_dir, session.client)  # figures drawn by the workers while this `with` ends
-        os.replace(partial_report, run.run_dir / "dask-performance.html")
+    # written under a temporary name and renamed: a cut-short run never leaves a truncated report, nor the partial one
+    partial_report = run.run_dir / ".dask-performance.html.partial"
+    try:
+        with _one_line_errors(session):
+            with _performance_report(str(partial_report), shlex.join(run.argv) + "\n\n" + run.job_yaml):
+                results = evaluate_run(session, t_fit)
+                metrics = write_results(session, results)
+                if run.resuming:
+                    _record_resume(session)
+                t_report = time.perf_counter()
+                report = _Report(run.run_dir, session.client)  # figures drawn by the workers while this `with` ends
+            os.replace(partial_report, run.run_dir / "dask-performance.html")
+    finally:
+        partial_report.unlink(missing_ok=True)
     return _FinalTimings(run.run_dir / "metrics.json", metrics, t_report, run.t_start), report
 
 
@@ -469,9 +525,7 @@ def _metrics(session: ClusterRun, results: Results) -> dict[str, Any]:
         },
         "results": results.fit.rows,
         "best_k": results.best_k,
-        "inertia_per_epoch_note": (
-            "exact training inertia after each of the epochs mini-batch epochs, then after each full-batch Lloyd step"
-        ),
+        "inertia_per_epoch_note": _inertia_note(session.run.job),
         "restart_inertia_note": (
             "exact training inertia of each restart after its first screen_rows rows; only the lowest (restart) went on"
         ),
@@ -479,6 +533,14 @@ def _metrics(session: ClusterRun, results: Results) -> dict[str, Any]:
         "cluster": {key: value for key, value in session.cluster_info.as_dict().items() if key != "embedded"},
         "started_utc": session.run.started,
     }
+
+
+def _inertia_note(job: JobConfig) -> str:
+    """metrics.json's ``inertia_per_epoch_note``, in this job's numbers."""
+    note = f"exact training inertia after each of the {count(job.epochs, 'mini-batch epoch')}"
+    if job.lloyd_steps:
+        note += f", then after each of the {count(job.lloyd_steps, 'full-batch Lloyd step')}"
+    return note.replace("each of the 1 ", "the 1 ")
 
 
 def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray], best_k: int) -> None:
@@ -537,7 +599,7 @@ class _Report:
         from mnist_kmeans.reference import load_seed_table
         from mnist_kmeans.report import build_figures, load_run
 
-        self.run, self.seed_table = load_run(run_dir), load_seed_table()
+        self.run, self.seed_table = load_run(run_dir, unfinished=True), load_seed_table()
         self.figs, self.notes = build_figures(self.run, self.seed_table, draw=partial(client.submit, pure=False))
 
     def write(self, final_timings: _FinalTimings) -> Path:
@@ -552,8 +614,8 @@ class _Report:
 
 @dataclass(frozen=True)
 class _FinalTimings:
-    """Called by the report just before its page is rendered: the report's time and the total, into metrics.json
-    (the rest, a few writes, takes milliseconds)."""
+    """Called by the report just before its page is rendered: the report's time, the total and ``finished_utc``, into
+    metrics.json (the rest, a few writes, takes milliseconds)."""
 
     metrics_file: Path
     metrics: dict[str, Any]
@@ -564,6 +626,7 @@ class _FinalTimings:
         timings = self.metrics["timings"]
         timings["report_s"] = round(time.perf_counter() - self.t_report, 3)
         timings["total_s"] = round(time.perf_counter() - self.t_start, 3)
+        self.metrics["finished_utc"] = _utc_now()  # the mark of a finished run (docs/contract.md, "metrics.json")
         write_json(self.metrics_file, self.metrics)
         return timings
 

@@ -189,6 +189,7 @@ def make_run_dir(
     metrics = {
         "job": name,
         "started_utc": started,
+        "finished_utc": started,
         "best_k": best_k,
         "dataset": {
             "store": store,

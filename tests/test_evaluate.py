@@ -324,3 +324,14 @@ def test_metrics_from_store_chunks_equal_sklearn(store_info) -> None:
     mapping = label_map(total.contingency)
     lookup = np.array([-1 if m is None else m for m in mapping])
     assert accuracy(total.contingency, mapping) == pytest.approx(float(np.mean(lookup[yp] == yt)), abs=1e-12)
+
+
+def test_scores_never_exceed_one() -> None:
+    """Pure clusters, one per class present: entropy ratios round to 1.0000000000000002 in sklearn; a score of
+    metrics.json is at most 1 by definition."""
+    contingency = np.zeros((5, 10), dtype=np.int64)
+    for cluster, (cls, rows) in enumerate([(2, 24), (3, 1), (9, 21), (0, 32), (4, 21)]):
+        contingency[cluster, cls] = rows
+    scores = cluster_metrics(contingency)
+    assert scores["completeness"] == 1.0 and scores["v_measure"] == 1.0
+    assert all(value <= 1.0 for value in scores.values())

@@ -27,7 +27,7 @@ import yaml
 import zarr
 
 from mnist_kmeans.cli import main
-from tests.helpers import REPO_ROOT, IdxDataset, tree_snapshot
+from tests.helpers import REPO_ROOT, IdxDataset, loopback_port, tree_snapshot
 
 GOOD_JOB = {"name": "hostile", "k_grid": [3], "epochs": 1, "batch_size": 100, "n_init": 1, "lloyd_steps": 0, "seed": 0}
 THREADS_CLUSTER = (
@@ -181,8 +181,15 @@ def a_directory_of_other_things(ctx: Ctx) -> str:
 # --- hostile run directories ------------------------------------------------------------------------------------------
 
 
-def fake_run_dir(ctx: Ctx, job: dict, ingest_id: str | None = None, epochs_done: int | None = None) -> Path:
-    """A run directory as `run` leaves it after an interrupt, made from ``job`` (resolved with the store)."""
+def fake_run_dir(
+    ctx: Ctx,
+    job: dict,
+    ingest_id: str | None = None,
+    epochs_done: int | None = None,
+    damage: Callable[[zarr.Group], object] | None = None,
+) -> Path:
+    """A run directory as `run` leaves it after an interrupt, made from ``job`` (resolved with the store); with
+    ``epochs_done`` or ``damage``, one saved epoch whose chain then claims ``epochs_done`` or is given to ``damage``."""
     from mnist_kmeans.checkpoint import Checkpoint
     from mnist_kmeans.config import load_job, with_overrides
     from mnist_kmeans.data.store import open_store
@@ -195,15 +202,35 @@ def fake_run_dir(ctx: Ctx, job: dict, ingest_id: str | None = None, epochs_done:
     data = {"store": ctx.store, "md5": info.md5, "ingest_id": ingest_id or info.ingest_id}
     (run_dir / "manifest.json").write_text(json.dumps({"data": data}))
     ckpt = Checkpoint.create(run_dir / "centroids.zarr", info.image_shape)
-    if epochs_done is not None:
+    if epochs_done is not None or damage is not None:
         from mnist_kmeans.fit import ChainState
 
         k = resolved.k_grid[0]
         state = ChainState(k, 0, 1, 0, np.zeros((k, info.n_features), np.float32), np.zeros(k, np.float32), 0, 1)
         ckpt.save_epoch(state, resolved.epochs, resolved.lloyd_steps)
         chain = ckpt.group[f"chains/k{k}/r0"]
-        chain.update_attributes({"epochs_done": epochs_done})  # a checkpoint that claims more than it holds
+        if epochs_done is not None:
+            chain.update_attributes({"epochs_done": epochs_done})  # a checkpoint that claims more than it holds
+        if damage is not None:
+            damage(chain)
     return run_dir
+
+
+def nan_in_centers(chain: zarr.Group) -> None:
+    centers = chain["centers"]
+    saved = np.asarray(centers[0])
+    saved[1, 2] = np.nan
+    centers[0] = saved
+
+
+def chain_of_other_k(chain: zarr.Group) -> None:
+    """A second chain beside the real one, for K=7 (GOOD_JOB's grid is [3])."""
+    from mnist_kmeans.checkpoint import Checkpoint
+    from mnist_kmeans.fit import ChainState
+
+    ckpt = Checkpoint.open(Path(str(chain.store.root)))
+    n_features = chain["centers"].shape[2]
+    ckpt.save_epoch(ChainState(7, 0, 1, 0, np.zeros((7, n_features), np.float32), np.zeros(7, np.float32), 0, 1), 1, 0)
 
 
 def read_only_dir(ctx: Ctx) -> Path:
@@ -389,6 +416,50 @@ CASES = [
         lambda c: [*c.run(), "--resume", str(fake_run_dir(c, GOOD_JOB, epochs_done=99))],
         2,
         ("chains/k3/r0", "damaged checkpoint", "epochs_done = 99"),
+    ),
+    Case(
+        "resume: NaN in a saved chain's centers",
+        lambda c: [*c.run(), "--resume", str(fake_run_dir(c, GOOD_JOB, damage=nan_in_centers))],
+        2,
+        ("chains/k3/r0/centers", "NaN"),
+    ),
+    Case(
+        "resume: a chain of a K the job does not have",
+        lambda c: [*c.run(), "--resume", str(fake_run_dir(c, GOOD_JOB, damage=chain_of_other_k))],
+        2,
+        ("chains/k7/r0", "not a chain of this job"),
+    ),
+    Case(
+        "resume: a screening inertia that is infinite",
+        lambda c: [
+            *c.run(),
+            "--resume",
+            str(fake_run_dir(c, GOOD_JOB, damage=lambda g: g.update_attributes({"screen_inertia": [float("inf")]}))),
+        ],
+        2,
+        ("chains/k3/r0", "screen_inertia"),
+    ),
+    Case(
+        "resume: with --out somewhere else",
+        lambda c: [*c.run(), "--resume", str(fake_run_dir(c, GOOD_JOB)), "--out", str(c.tmp / "elsewhere")],
+        2,
+        ("--out", "drop --out"),
+    ),
+    Case(
+        "store: memory://",
+        lambda c: c.run_out(store="memory://mnist.zarr"),
+        2,
+        ("memory://mnist.zarr", "one process"),
+    ),
+    Case(
+        "out: refused before any cluster is joined (a read-only file system, an unreachable scheduler)",
+        lambda c: [
+            *c.run(cluster=c.cluster(f"scheduler: tcp://127.0.0.1:{loopback_port()}\nconnect_timeout: 1\n")),
+            "--out",
+            str(read_only_dir(c) / "run"),
+        ],
+        2,
+        ("ro/run", "Read-only file system"),
     ),
     Case(
         "out: a directory that is not empty",

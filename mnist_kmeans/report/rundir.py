@@ -285,18 +285,26 @@ def _read_optional_text(path: Path) -> str | None:
 # ----------------------------------------------------------------------------------------------- the whole run
 
 
-def load_run(run_dir: str | Path) -> RunData:
+def load_run(run_dir: str | Path, unfinished: bool = False) -> RunData:
     """Read and check every file of ``run_dir`` the report needs.
+
+    ``unfinished``: accept a run whose ``metrics.json`` has no ``finished_utc`` yet (``run`` draws its figures
+    before it finishes); otherwise such a run is refused, since its page would pass off a cut-short run as done.
 
     Raises
     ------
     UserError
-        When ``run_dir`` is not a directory, or a required file is missing or malformed.
+        When ``run_dir`` is not a directory, the run did not finish, or a required file is missing or malformed.
     """
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"{run}: no such run directory")
     metrics, results = _read_metrics(run)
+    if not unfinished and not isinstance(metrics.get("finished_utc"), str):
+        raise UserError(
+            f"{run}: the run did not finish (metrics.json has no finished_utc); "
+            f"continue it with: mnist-kmeans run JOB.yaml --resume {run}"
+        )
     ks = [r["k"] for r in results]
     evaluation = _read_evaluation(run, metrics, ks)
     label_maps = _read_label_maps(run, ks, evaluation.n_classes)
