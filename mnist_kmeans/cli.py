@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> int:
     # Imports are local so that `--help` and bad arguments answer fast, without importing dask.
     if args.command == "ingest":
+        from mnist_kmeans.config import refuse_memory_store
         from mnist_kmeans.data.ingest import ingest
 
+        refuse_memory_store(args.store)
         ingest(args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=to_stderr)
     elif args.command == "run":
         from mnist_kmeans.config import load_cluster, load_job

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from mnist_kmeans.errors import UserError
+from mnist_kmeans.errors import UserError, shorten
 
 
 def data_home() -> Path:
@@ -245,6 +245,12 @@ def local_path_option(value: str | None) -> str | None:
     if value is None or "://" in value:
         return value
     return os.path.abspath(os.path.expanduser(value))
+
+
+def refuse_memory_store(url: str) -> None:
+    """A ``memory://`` store lives in one process: workers would not see it, and it would vanish with the command."""
+    if url.startswith("memory://"):
+        raise UserError(f"{shorten(url)}: a memory:// store lives in one process only; use a path or a shared URL")
 
 
 def with_overrides(job: JobConfig, **overrides: Any) -> JobConfig:

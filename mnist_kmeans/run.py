@@ -40,6 +40,7 @@ from mnist_kmeans.config import (
     load_cluster,
     load_job,
     local_path_option,
+    refuse_memory_store,
     with_overrides,
 )
 from mnist_kmeans.data.store import StoreInfo, open_store, read_attrs, read_rows
@@ -147,7 +148,7 @@ def prepare(
     that the dashboard line comes first; every other store must be there and complete.
     """
     job = with_overrides(load_job(job_file), store=local_path_option(store))
-    _refuse_process_local(job.store)
+    refuse_memory_store(job.store)
     cluster = load_cluster(cluster_file)
     run_dir, resuming = _prepare_run_dir(job, out, resume)
     info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log)[0]
@@ -172,12 +173,6 @@ def prepare(
         t_start=t_start,
         claim=claim_run_dir(run_dir, resuming),  # last: a refusal above leaves nothing to undo
     )
-
-
-def _refuse_process_local(url: str) -> None:
-    """A ``memory://`` store lives in one process: workers would not see it, and it would vanish with ``run``."""
-    if url.startswith("memory://"):
-        raise UserError(f"{shorten(url)}: a memory:// store lives in one process only; use a path or a shared URL")
 
 
 def _to_ingest(url: str) -> bool:

@@ -199,3 +199,38 @@ def test_report_of_a_run_cut_short_before_its_results_exits_2(tmp_path: Path) ->
     (run_dir / "job.yaml").write_text(yaml.safe_dump(JOB))
     proc = run_cli("report", str(run_dir), cwd=REPO_ROOT)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_default_store_and_source_do_not_depend_on_the_working_directory() -> None:
+    """Without ``MNIST_KMEANS_DATA``, the checkout's ``data/`` (what `run <repo>/jobs/smoke.yaml` needs elsewhere)."""
+    code = "from mnist_kmeans.config import load_job, DEFAULT_SOURCE; import sys; j = load_job(sys.argv[1]); "
+    code += "print(j.store); print(DEFAULT_SOURCE)"
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_KMEANS_DATA"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(REPO_ROOT / "jobs" / "smoke.yaml")],
+        cwd="/",
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout.split() == [str(REPO_ROOT / "data" / "mnist.zarr"), str(REPO_ROOT / "data" / "mnist")]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ingest", "--source", "{idx}", "--store", "memory://mnist.zarr"],
+        ["augment", "--store", "memory://mnist.zarr", "--out", "{tmp}/aug.zarr", "--rows", "10"],
+        ["augment", "--store", "{tmp}/nothing.zarr", "--out", "memory://aug.zarr", "--rows", "10"],
+    ],
+    ids=["ingest", "augment-from", "augment-into"],
+)
+def test_memory_stores_are_refused_by_every_command(argv: list[str], tmp_path: Path, capsys) -> None:
+    """A memory:// store would "succeed" and vanish with the process (and no worker could read it)."""
+    from mnist_kmeans.cli import main
+
+    idx = write_idx_dataset(tmp_path / "idx", n_train=20, n_test=10).directory
+    code = main([arg.format(idx=idx, tmp=tmp_path) for arg in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "memory://" in err and "one process" in err and len(err.splitlines()) == 1, err

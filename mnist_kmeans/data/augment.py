@@ -146,10 +146,13 @@ def augment_command(args: argparse.Namespace) -> StoreInfo:
     The cluster file is ``--cluster``, else ``./cluster.yaml`` when present, as for ``run``. Every input error is a
     :class:`UserError` raised before a cluster starts.
     """
-    from mnist_kmeans.config import load_cluster
+    from mnist_kmeans.config import load_cluster, local_path_option, refuse_memory_store
 
+    for url in (args.store, args.out):
+        refuse_memory_store(url)
     cfg = load_cluster(args.cluster)
-    plan = _check(args.store, args.out, args.rows, args.seed)
+    # absolute: each chunk is read and written on a worker, whose working directory may be anywhere
+    plan = _check(local_path_option(args.store), local_path_option(args.out), args.rows, args.seed)
     from mnist_kmeans.cluster import connect, wait_closed  # imports distributed: only once the inputs are good
 
     try:
