@@ -94,8 +94,9 @@ class JobRun:
 
     def resume_command(self) -> str:
         """The command line that continues this run (``--store`` too when it was given: a resume must use the same)."""
-        store = ["--store", self.store_option] if self.store_option else []
-        return shlex.join(["mnist-kmeans", "run", str(self.job_file), "--resume", str(self.run_dir), *store])
+        store = ["--store", local_path_option(self.store_option)] if self.store_option else []
+        job_file = os.path.abspath(self.job_file)  # absolute, like the rest: it works from any directory
+        return shlex.join(["mnist-kmeans", "run", job_file, "--resume", str(self.run_dir), *store])
 
 
 @dataclass(frozen=True)
