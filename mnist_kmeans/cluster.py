@@ -185,18 +185,50 @@ class _DropReconnectNoise(logging.Filter):
         return not (cancelled or str(record.msg).startswith("Failed to reconnect"))
 
 
+@contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started in this block ignore SIGINT, for good: a terminal's Ctrl-C reaches every process of
+    its group, and each worker would print its KeyboardInterrupt traceback; only ``run`` answers it, and closes them.
+
+    They are forked by multiprocessing's fork server (``distributed.worker.multiprocessing-method``), started with
+    SIGINT ignored, a disposition every process it forks keeps (a nanny's restarts too). Its preload makes each
+    worker start with distributed and NumPy imported.
+    """
+    import multiprocessing
+    import multiprocessing.forkserver
+    import signal
+
+    import dask
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        if threading.current_thread() is threading.main_thread():
+            multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", "numpy"])
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the milliseconds of one fork and exec
+            try:
+                multiprocessing.forkserver.ensure_running()
+            finally:
+                signal.signal(signal.SIGINT, handler)
+        yield
+
+
 def _local(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
     """The embedded LocalCluster of ``local``, with its client (see :func:`connect`)."""
+    cluster = None
     try:
-        cluster = LocalCluster(
-            # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
-            # assumed). Threads (processes: false) talk in-process and take no host.
-            host="127.0.0.1" if local.processes else None,
-            **asdict(local),  # n_workers, threads_per_worker, memory_limit, dashboard_address, processes
-            # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
-            # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
-            silence_logs=logging.CRITICAL,
-        )
+        with _workers_ignore_ctrl_c():
+            cluster = LocalCluster(
+                # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
+                # assumed). Threads (processes: false) talk in-process and take no host.
+                host="127.0.0.1" if local.processes else None,
+                **asdict(local),  # n_workers, threads_per_worker, memory_limit, dashboard_address, processes
+                # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
+                # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
+                silence_logs=logging.CRITICAL,
+            )
+    except KeyboardInterrupt:  # pressed while it started, raised as the handler came back
+        if cluster is not None:
+            cluster.close()
+        raise
     except Exception as exc:  # a port taken, no memory for the workers, a worker that dies at start ...
         reason = one_line(exc, with_type=True)
         raise ClusterError(f"cannot start the local cluster of the cluster file ({reason})") from None

@@ -234,3 +234,23 @@ def test_memory_stores_are_refused_by_every_command(argv: list[str], tmp_path: P
     code = main([arg.format(idx=idx, tmp=tmp_path) for arg in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "memory://" in err and "one process" in err and len(err.splitlines()) == 1, err
+
+
+def test_ctrl_c_while_the_cluster_starts_is_one_line_and_leaves_nothing(tmp_path: Path, first_run) -> None:
+    """SIGINT to the whole process group, as a terminal sends it, as soon as the run directory is claimed (the
+    embedded cluster is starting then): exit 130, one line, and the run directory that was made for it is gone."""
+    _, _, data = first_run
+    store = shutil.copytree(data.directory.parent / "mnist.zarr", tmp_path / "s.zarr")
+    job, cluster, out = write_job(tmp_path / "jobs"), cluster_file(tmp_path), tmp_path / "runs" / "run"
+    live = LiveRun.start(
+        ["run", str(job), "--cluster", str(cluster), "--store", str(store), "--out", str(out)], tmp_path / "logs/run"
+    )
+    deadline = time.monotonic() + 120
+    while not (out / ".lock").exists() and live.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)
+    os.killpg(live.proc.pid, signal.SIGINT)
+    code, stdout, err = live.finish()
+    assert code == 130, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert not (tmp_path / "runs").exists(), sorted(p.name for p in (tmp_path / "runs").rglob("*"))
