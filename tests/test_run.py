@@ -415,7 +415,7 @@ def interrupt_after_first_epoch(setup: Setup, job: Path, run_dir: Path) -> Inter
         deadline = time.monotonic() + RUN_TIMEOUT
         while proc.poll() is None and time.monotonic() < deadline:
             if any(e >= 1 for e, _ in chain_progress(run_dir).values()):
-                proc.send_signal(signal.SIGINT)  # to the client process only, as a terminal's Ctrl-C would reach it
+                os.killpg(proc.pid, signal.SIGINT)  # to the whole process group, as a terminal sends Ctrl-C
                 break
             time.sleep(0.02)
         proc.wait(timeout=60)
