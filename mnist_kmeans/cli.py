@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--store", default=DEFAULT_STORE, help=f"store path or URL (default {DEFAULT_STORE})")
     ing.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default 10000)")
     ing.add_argument("--force", action="store_true", help="rebuild a complete store")
+    ing.add_argument(
+        "--classes", default=None, metavar="FILE", help="class names, one per line (default: SOURCE/classes if any)"
+    )
 
     run = sub.add_parser("run", help="the distributed K-grid job, then the report")
     run.add_argument("job", help="job file (jobs/*.yaml)")
@@ -59,7 +62,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mnist_kmeans.data.ingest import ingest
 
         refuse_memory_store(args.store)
-        ingest(args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=to_stderr)
+        ingest(
+            args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=to_stderr, classes=args.classes
+        )
     elif args.command == "run":
         from mnist_kmeans.config import load_cluster, load_job
 

@@ -518,6 +518,9 @@ def _metrics(session: ClusterRun, results: Results) -> dict[str, Any]:
             "n_test": info.n_test,
             "n_classes": info.n_classes,
             "image_shape": list(info.image_shape),
+            # what the report words and compares by (docs/contract.md, "report.html"); null when the store has none
+            "class_names": list(info.class_names) if info.class_names is not None else None,
+            "augmented_from": info.augmented_from,
         },
         "results": results.fit.rows,
         "best_k": results.best_k,

@@ -81,6 +81,8 @@ def make_run_dir(
     centroid_grids: Sequence[int] | None = None,
     performance_report: bool = True,
     data: tuple[np.ndarray, np.ndarray, tuple[int, int], int] | None = None,
+    dataset: dict[str, Any] | None = None,
+    md5: dict[str, str] | None = None,
 ) -> Path:
     """Write a complete run directory at ``path`` (created if needed) and return it.
 
@@ -88,7 +90,9 @@ def make_run_dir(
     deliberately hostile by default); ``centroid_grids``: the K values of ``report.centroid_grids`` in
     ``job.yaml`` (default: every K); ``performance_report``: also write a stand-in ``dask-performance.html``;
     ``data``: other images instead of scikit-learn's digits, as ``(uint8 pixels (n, H*W), labels (n,), (H, W),
-    n_train)`` — the first ``n_train`` rows are the training split.
+    n_train)`` — the first ``n_train`` rows are the training split; ``dataset``: keys that replace those of
+    ``metrics.json``'s ``dataset`` (e.g. ``class_names``, or MNIST's counts); ``md5``: the sums ``manifest.json``
+    records instead of those of the data (e.g. MNIST's, to stand for a run on MNIST).
     """
     t0 = time.perf_counter()
     run = Path(path)
@@ -179,7 +183,7 @@ def make_run_dir(
         "threads": 4,
         "dashboard": "http://127.0.0.1:8787/status",
     }
-    md5 = {
+    md5_of_data = {
         "train-images-idx3-ubyte": hashlib.md5(pixels[:n_train].tobytes()).hexdigest(),
         "train-labels-idx1-ubyte": hashlib.md5(y_train.astype(np.uint8).tobytes()).hexdigest(),
         "t10k-images-idx3-ubyte": hashlib.md5(pixels[n_train:].tobytes()).hexdigest(),
@@ -197,6 +201,7 @@ def make_run_dir(
             "n_test": int(len(y_test)),
             "n_classes": n_classes,
             "image_shape": [h, w],
+            **(dataset or {}),
         },
         "results": results,
         "inertia_per_epoch_note": "exact: a full pass over the training split after each epoch (test fixture)",
@@ -221,7 +226,7 @@ def make_run_dir(
         },
         "command": ["mnist-kmeans", "run", "jobs/fixture.yaml", "--out", str(run), "--store", store],
         "cluster": cluster,
-        "data": {"store": store, "source": "sklearn.datasets.load_digits", "md5": md5},
+        "data": {"store": store, "source": "sklearn.datasets.load_digits", "md5": md5_of_data if md5 is None else md5},
         "started_utc": started,
     }
     job = {

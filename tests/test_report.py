@@ -159,11 +159,9 @@ def test_report_holds_every_part(rendered: tuple[Path, str, _Page]) -> None:
     for r, res in zip(rows, metrics["results"], strict=True):
         assert f"{res['homogeneity']:.4f}" in r and f"{res['ari']:.4f}" in r and f"{res['nmi']:.4f}" in r
         assert f"{100 * res['accuracy_train']:.2f} %" in r and f"{100 * res['accuracy_test']:.2f} %" in r
-    # the seed notebook's table beside this run
-    seed_rows = [r for r in page.rows["seed"] if r and r[0].isdigit()]
-    assert [int(r[0]) for r in seed_rows] == [10, 16, 36, 64, 144, 256]
-    assert seed_rows[0][1] == "2,383,375" and seed_rows[0][7] == "56.46 %"
-    assert next(r for r in seed_rows if r[0] == "16")[2] == f"{metrics['results'][2]['inertia']:,.1f}"
+    # scikit-learn's 8x8 digits are not MNIST (md5 sums): the seed notebook's table is not set beside them
+    assert "This run's data is not the seed's: it is not MNIST" in text
+    assert not [r for r in page.rows.get("seed", []) if r and r[0].isdigit()]
     # every figure, with a caption
     figure_ids = {a["id"] for t, a in page.tags if t == "figure"}
     assert figure_ids == {f"fig-{n}" for n in EXPECTED_FIGURES | {f"confusion_test_k{metrics['best_k']}"}}

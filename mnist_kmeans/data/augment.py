@@ -38,6 +38,7 @@ from mnist_kmeans.data.deform import DEFAULT_PARAMS, ROWS_PER_STREAM, DeformPara
 from mnist_kmeans.data.staging import existing_store, local_path, staging
 from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
+    CLASS_NAMES_ATTR,
     StoreInfo,
     chunk_checksum,
     create_split,
@@ -262,6 +263,7 @@ def _store_attributes(plan: _Plan) -> dict[str, Any]:
         "n_classes": src.n_classes,
         "chunk_rows": src.chunk_rows,
         "ingest_id": uuid.uuid4().hex,  # new on every build: caches of chunks key on it
+        **({CLASS_NAMES_ATTR: list(src.class_names)} if src.class_names is not None else {}),
         "augmented_from": {
             "store": src.url,
             "ingest_id": src.ingest_id,

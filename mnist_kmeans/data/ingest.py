@@ -14,6 +14,10 @@ An ingest:
    kill leaves what was there untouched; the next ingest removes the leftovers. A remote store (URL) is written in
    place: until its last attribute is written it is incomplete, which ``open_store`` refuses, and the next ingest
    rebuilds it (``staging.py``, shared with ``augment``).
+
+Class names (``--classes FILE``, else a file ``classes`` beside the IDX files; :mod:`.classes`) are parsed before
+anything is written, and their count is checked against the labels before ``complete: true``; they are stored as
+the attribute ``class_names``. A store that already holds this data is a no-op only if it also holds these names.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from dataclasses import dataclass
 import zarr
 
 from mnist_kmeans.data import store as store_layout
+from mnist_kmeans.data.classes import check_count, read_class_names
 from mnist_kmeans.data.idx import IdxReader
 from mnist_kmeans.data.sources import SPLIT_FILES, Source, open_source
 from mnist_kmeans.data.staging import existing_store, local_path, staging
 from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
+    CLASS_NAMES_ATTR,
     DEFAULT_CHUNK_ROWS,
     StoreInfo,
     chunk_checksum,
@@ -53,7 +59,22 @@ class _Layout:
         return self.image_shape[0] * self.image_shape[1]
 
 
-def ingest(source: str, store: str, chunk_rows: int | None = None, force: bool = False, log: Log = print) -> StoreInfo:
+@dataclass(frozen=True)
+class _Names:
+    """The class names to record, and the file they come from (for messages); ``names`` is None without one."""
+
+    names: list[str] | None = None
+    where: str = ""
+
+
+def ingest(
+    source: str,
+    store: str,
+    chunk_rows: int | None = None,
+    force: bool = False,
+    log: Log = print,
+    classes: str | None = None,
+) -> StoreInfo:
     """Write the IDX files of ``source`` into the Zarr store ``store``; return the complete store's description.
 
     Parameters
@@ -69,6 +90,8 @@ def ingest(source: str, store: str, chunk_rows: int | None = None, force: bool =
         Rebuild a complete store even when it holds other data or another chunk size.
     log : callable, default=print
         Receives one line per step (the command line sends them to stderr), once the ingest has succeeded.
+    classes : str or None, default=None
+        A file of class names, one per line in label order; ``None`` takes the source's ``classes`` file, if any.
 
     Raises
     ------
@@ -81,26 +104,29 @@ def ingest(source: str, store: str, chunk_rows: int | None = None, force: bool =
         raise UserError(f"--chunk-rows: must be a positive integer, got {chunk_rows!r}")
     # An error must be the only line on stderr (docs/contract.md, "Exit codes"): progress waits for success.
     progress: list[str] = []
-    info = _ingest(source, store, chunk_rows, force, progress.append)
+    given = _Names(read_class_names(classes), classes) if classes is not None else None
+    info = _ingest(source, store, chunk_rows, force, progress.append, given)
     for line in progress:
         log(line)
     return info
 
 
-def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log) -> StoreInfo:
+def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log, given: _Names | None) -> StoreInfo:
     local = local_path(store)
     existing = existing_store(store, local)
     with open_source(source) as src:
+        names = given or _Names(src.class_names, src.class_names_from)
         layout = _check_layout(src)
         rows = chunk_rows or DEFAULT_CHUNK_ROWS
         _check_chunk_bytes(src, layout, rows)
         if existing is not None and existing.get("complete") is True and not force:
-            return _keep_existing(store, src, chunk_rows, log)
+            return _keep_existing(store, src, chunk_rows, names, log)
         if existing is not None:
             why = "--force" if existing.get("complete") is True else "it is incomplete"
             log(f"ingest: rebuilding {store} ({why})")
         with staging(local, store, log) as target:
-            _write(target, src, layout, rows, overwrite=local is None and existing is not None, log=log, name=store)
+            overwrite = local is None and existing is not None
+            _write(target, src, layout, rows, names, overwrite=overwrite, log=log, name=store)
     info = open_store(store)
     h, w = info.image_shape
     log(
@@ -152,13 +178,19 @@ def _hxw(shape: tuple[int, ...]) -> str:
 # --- no-op or refuse ------------------------------------------------------------------------------------------------
 
 
-def _keep_existing(store: str, src: Source, chunk_rows: int | None, log: Log) -> StoreInfo:
-    """A complete store is there and no ``force``: succeed without writing if it holds this very data."""
+def _keep_existing(store: str, src: Source, chunk_rows: int | None, names: _Names, log: Log) -> StoreInfo:
+    """A complete store is there and no ``force``: succeed without writing if it holds this very data (and, when
+    class names are given, these names)."""
     info = open_store(store)
     if chunk_rows is not None and chunk_rows != info.chunk_rows:
         raise UserError(
             f"{store}: a complete store with chunks of {info.chunk_rows} rows is there; "
             f"use --force to rebuild it with --chunk-rows {chunk_rows}"
+        )
+    if names.names is not None and tuple(names.names) != info.class_names:
+        raise UserError(
+            f"{store}: a complete store with {'other' if info.class_names else 'no'} class names is there; "
+            f"use --force to rebuild it with the names of {names.where}"
         )
     for name, reader in src.readers.items():
         _copy(reader, DEFAULT_CHUNK_ROWS)
@@ -174,7 +206,9 @@ def _keep_existing(store: str, src: Source, chunk_rows: int | None, log: Log) ->
 # --- writing --------------------------------------------------------------------------------------------------------
 
 
-def _write(target: str, src: Source, layout: _Layout, rows: int, overwrite: bool, log: Log, name: str) -> None:
+def _write(
+    target: str, src: Source, layout: _Layout, rows: int, names: _Names, overwrite: bool, log: Log, name: str
+) -> None:
     """Stream the four files into a new store at ``target`` (``name`` in messages); ``complete: true`` comes last."""
     attrs = {
         "source": src.location,
@@ -195,7 +229,11 @@ def _write(target: str, src: Source, layout: _Layout, rows: int, overwrite: bool
             checksums[split] = {"images": images_crc, "labels": labels_crc}
         # Labels index the classes (label maps, confusion matrices): n_classes is the largest label + 1.
         # The CRC-32 of every chunk lets every later read prove it got what was written (store.verify_chunk).
-        store_layout.mark_complete(group, {"md5": md5, "n_classes": top_label + 1, CHECKSUM_ATTR: checksums})
+        final = {"md5": md5, "n_classes": top_label + 1, CHECKSUM_ATTR: checksums}
+        if names.names is not None:
+            check_count(names.where, names.names, top_label + 1)  # before complete: a wrong count leaves no store
+            final[CLASS_NAMES_ATTR] = names.names
+        store_layout.mark_complete(group, final)
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
         raise UserError(f"{name}: cannot write the store: {exc}") from None
 

@@ -11,7 +11,11 @@ Checksums (md5 of the uncompressed bytes) are enforced when the source says what
 - without one, the MNIST copy vendored in this repository (``data/mnist``) is held to MNIST's published sums.
 
 Any other source is accepted as it is, and its sums are recorded in the store. Sums are not matched by file name
-or shape alone: Fashion-MNIST, KMNIST and others use the same names and shapes with other bytes.
+or shape alone: Fashion-MNIST, KMNIST and others use the same names and shapes with other bytes; the report tells
+MNIST from them by these sums (:func:`mnist_kmeans.reference.is_mnist`).
+
+A file ``classes`` beside the four files names the classes, one per line in label order (:mod:`.classes`); it is
+read like ``MD5SUMS``, from a directory or a URL, and is optional.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from mnist_kmeans.data.classes import CLASSES_FILE, MAX_FILE_BYTES, decode_names, parse_class_names
 from mnist_kmeans.data.idx import Closing, IdxReader
 from mnist_kmeans.errors import UserError
 
@@ -46,7 +52,8 @@ MNIST_MD5 = {
 VENDORED_MNIST = Path(__file__).resolve().parents[2] / "data" / "mnist"
 HTTP_TIMEOUT_S = 60
 _MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{32}) [ *](.+)$")
-_MANIFEST_MAX_BYTES = 1 << 20
+# MD5SUMS and classes are small: more than this is not one of them (decode_names says so for classes)
+_TEXT_MAX_BYTES = max(1 << 20, MAX_FILE_BYTES + 1)
 
 
 def is_url(source: str) -> bool:
@@ -67,12 +74,18 @@ class Source(Closing):
         File name -> md5 its uncompressed bytes must have; only the names that have a known sum.
     checksums_from : str
         Where ``expected_md5`` comes from, for messages.
+    class_names : list of str or None
+        The names of the ``classes`` file beside the four files, if there is one.
+    class_names_from : str
+        That file's path or URL, for messages.
     """
 
     location: str
     readers: dict[str, IdxReader]
     expected_md5: dict[str, str] = field(default_factory=dict)
     checksums_from: str = ""
+    class_names: list[str] | None = None
+    class_names_from: str = ""
 
     def check_md5(self, name: str, actual: str) -> str:
         """Raise if the sum of ``name`` is known and differs; else return what to log about it."""
@@ -98,26 +111,28 @@ def open_source(source: str) -> Source:
     ------
     UserError
         When the source does not exist, a file is missing or cannot be opened, a header is wrong, or the
-        ``MD5SUMS`` file is malformed.
+        ``MD5SUMS`` or ``classes`` file is malformed.
     """
     source = str(source)
     if is_url(source):
         base = source.rstrip("/") + "/"
         location, opener = source, functools.partial(_open_url_file, base)
-        read_manifest = functools.partial(_read_url_text, base + MANIFEST)
+        read_text = functools.partial(_read_url_text, base)
     else:
         if not os.path.isdir(source):
             raise UserError(f"{source}: no such directory (a source is a directory or an http(s) base URL)")
         location, opener = os.path.abspath(source), functools.partial(_open_local_file, source)
-        read_manifest = functools.partial(_read_local_text, os.path.join(source, MANIFEST))
+        read_text = functools.partial(_read_local_text, source)
     readers: dict[str, IdxReader] = {}
     with contextlib.ExitStack() as stack:
         for name in FILE_NAMES:
             stream, where, gz = opener(name)
             readers[name] = stack.enter_context(IdxReader(stream, where, gz=gz, ndim=3 if "-images-" in name else 1))
-        manifest = read_manifest()
+        manifest = read_text(MANIFEST, _decode)
+        classes = read_text(CLASSES_FILE, decode_names)
+        names = parse_class_names(*classes) if classes is not None else None
         stack.pop_all()  # success: the Source owns the readers now
-    src = Source(location, readers)
+    src = Source(location, readers, class_names=names, class_names_from=classes[0] if classes else "")
     if manifest is not None:
         src.expected_md5, src.checksums_from = _parse_manifest(*manifest), f"listed in {manifest[0]}"
     elif not is_url(source) and Path(source).resolve() == VENDORED_MNIST.resolve():
@@ -154,12 +169,14 @@ def _open_local_file(directory: str, name: str) -> tuple[BinaryIO, str, bool]:
     raise UserError(f"{os.path.join(directory, name)}: not found (neither {name} nor {name}.gz is in {directory})")
 
 
-def _read_local_text(path: str) -> tuple[str, str] | None:
+def _read_local_text(directory: str, name: str, decode: Callable[[str, bytes], str]) -> tuple[str, str] | None:
+    """``(path, text)`` of the small text file ``name`` beside the IDX files, or ``None`` when there is none."""
+    path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, "rb") as f:
-            return path, _decode(path, f.read(_MANIFEST_MAX_BYTES))
+            return path, decode(path, f.read(_TEXT_MAX_BYTES))
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
 
@@ -175,13 +192,15 @@ def _open_url_file(base: str, name: str) -> tuple[BinaryIO, str, bool]:
     raise UserError(f"{base}{name}: not found (HTTP 404 for both {name}.gz and {name})")
 
 
-def _read_url_text(url: str) -> tuple[str, str] | None:
+def _read_url_text(base: str, name: str, decode: Callable[[str, bytes], str]) -> tuple[str, str] | None:
+    """``(url, text)`` of the small text file ``name`` at ``base``, or ``None`` for 404 Not Found."""
+    url = base + name
     response = _urlopen(url)
     if response is None:
         return None
     with response:
         try:
-            return url, _decode(url, response.read(_MANIFEST_MAX_BYTES))
+            return url, decode(url, response.read(_TEXT_MAX_BYTES))
         except OSError as exc:
             raise UserError(f"{url}: cannot read: {exc}") from None
 

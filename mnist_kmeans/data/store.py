@@ -2,7 +2,8 @@
 
 Layout::
 
-    <store>/zarr.json            group attributes: format, source, md5, image_shape, n_classes, complete
+    <store>/zarr.json            group attributes: format, source, md5, image_shape, n_classes, complete, and
+                                 optionally class_names, augmented_from
     <store>/train/images         uint8 (n_train, H*W), chunks (chunk_rows, H*W)
     <store>/train/labels         uint8 (n_train,),     chunks (chunk_rows,)
     <store>/test/images, test/labels   the same for the test split
@@ -31,6 +32,7 @@ import numpy as np
 import zarr
 
 from mnist_kmeans.data.chunk_cache import CACHE
+from mnist_kmeans.data.classes import valid_class_names
 from mnist_kmeans.errors import UserError, one_line
 
 FORMAT = "mnist-kmeans/1"
@@ -39,6 +41,7 @@ SPLITS = ("train", "test")
 # beside the k-means work on it, small enough that a worker holds a few at once; see README "Chunk size".
 DEFAULT_CHUNK_ROWS = 10_000
 CHECKSUM_ATTR = "chunk_crc32"
+CLASS_NAMES_ATTR = "class_names"
 
 
 class StoreError(UserError):
@@ -66,6 +69,10 @@ class StoreInfo:
     # CRC-32 of every chunk as written, {split: {"images": (...), "labels": (...)}}; empty for a store ingested
     # before checksums were recorded (see the module docstring).
     checksums: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    # The names of the classes in label order, when the store has them (``ingest --classes``, data/classes.py).
+    class_names: tuple[str, ...] | None = None
+    # A store written by ``augment``: its attribute of that name (the source store, rows, seed, ...); else None.
+    augmented_from: dict[str, Any] | None = None
 
     def n_rows(self, split: str) -> int:
         return self.n_train if split == "train" else self.n_test
@@ -139,7 +146,18 @@ def open_store(url: str) -> StoreInfo:
         )
         if info.n_classes < 1:
             raise ValueError(f"n_classes is {info.n_classes}")
-        return dataclasses.replace(info, checksums=_checksums_of(attrs, info))
+        names = attrs.get(CLASS_NAMES_ATTR)
+        if names is not None and not valid_class_names(names, info.n_classes):
+            raise ValueError(f"attribute {CLASS_NAMES_ATTR} must be a list of {info.n_classes} short names")
+        origin = attrs.get("augmented_from")
+        if origin is not None and not isinstance(origin, dict):
+            raise ValueError("attribute augmented_from is not a mapping")
+        return dataclasses.replace(
+            info,
+            checksums=_checksums_of(attrs, info),
+            class_names=tuple(names) if names is not None else None,
+            augmented_from=dict(origin) if origin is not None else None,
+        )
     except UserError:
         raise
     except Exception as exc:

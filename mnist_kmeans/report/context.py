@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import mnist_kmeans
-from mnist_kmeans.reference import comparable_with_seed
 from mnist_kmeans.report.formatting import MISSING, flatten, fmt_big, fmt_int, fmt_num, fmt_pct, fmt_secs, fmt_value
 from mnist_kmeans.report.gallery import ReportFigure
+from mnist_kmeans.report.identity import AUGMENTED_MNIST, MNIST, OTHER
 from mnist_kmeans.report.rundir import RunData
 from mnist_kmeans.report.values import is_num
 
@@ -94,16 +94,19 @@ def _seed_row(seed: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, A
 
 
 def _comparison(run: RunData, seed_table: Mapping[str, Any]) -> dict[str, Any]:
-    """The section comparing this run with the seed notebook's published table."""
+    """The section comparing this run with the seed notebook's published table: only on the seed's data (full
+    MNIST by its md5 sums); otherwise just why not."""
+    common = {"source": seed_table.get("source", ""), "split": seed_table.get("split", "")}
+    if not run.identity.comparable:
+        return {**common, "comparable": False, "why_not": run.identity.why_not_comparable()}
     by_k = {r["k"]: r for r in run.results}
     seed_results = seed_table.get("results", [])
     seed_test = seed_table.get("test_accuracy_k256")
     return {
+        **common,
         "rows": [_seed_row(s, by_k.get(int(s["k"]), {})) for s in sorted(seed_results, key=lambda r: r["k"])],
-        "source": seed_table.get("source", ""),
-        "split": seed_table.get("split", ""),
         "note": seed_table.get("note", ""),
-        "comparable": comparable_with_seed(run.metrics.get("dataset", {})),
+        "comparable": True,
         "only_in_run": [k for k in by_k if k not in {int(s["k"]) for s in seed_results}],
         "test_k256": (fmt_pct(seed_test), fmt_pct(by_k.get(256, {}).get("accuracy_test"))) if seed_test else None,
     }
@@ -156,7 +159,20 @@ def _dataset_facts(run: RunData, manifest: Mapping[str, Any]) -> dict[str, Any]:
         "n_classes": fmt_int(dataset.get("n_classes", run.n_classes)),
         "image_shape": " × ".join(str(v) for v in shape),
         "md5": [(str(k), fmt_value(v)) for k, v in _object(data, "md5").items()],
+        "name": run.identity.name,
+        "identity": _identity_text(run),
+        "class_names": [run.identity.label(c) for c in range(run.n_classes)] if run.identity.class_names else [],
     }
+
+
+def _identity_text(run: RunData) -> str:
+    """What the data is, in a few words, for the run facts."""
+    origin = _object(run.metrics.get("dataset", {}), "augmented_from").get("store")
+    return {
+        MNIST: "MNIST (its md5 sums are MNIST's published ones)",
+        AUGMENTED_MNIST: f"augmented from MNIST ({fmt_value(origin)})" if origin else "augmented from MNIST",
+        OTHER: "not MNIST (its md5 sums are not MNIST's)",
+    }.get(run.identity.kind, "unknown (no md5 sums recorded)")
 
 
 def _provenance(manifest: Mapping[str, Any] | None) -> list[tuple[str, str]] | None:

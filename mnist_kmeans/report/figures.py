@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
@@ -156,6 +157,16 @@ def _put_tile(canvas: np.ndarray, image: np.ndarray, y0: int, x0: int, scale: in
     canvas[y0 : y0 + tile_h, x0 : x0 + tile_w] = tile[..., None]
 
 
+def _cut(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis: a title must not run into the next tile."""
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` on at most two lines of about ``width`` characters (a class name as a tile's title)."""
+    return "\n".join(textwrap.wrap(text, width, max_lines=2, placeholder="\u2026", break_on_hyphens=False)) or text
+
+
 def _rgb_png(canvas: np.ndarray, dpi: int) -> bytes:
     """A float RGB array in [0, 1] as PNG bytes."""
     buf = io.BytesIO()
@@ -166,14 +177,20 @@ def _rgb_png(canvas: np.ndarray, dpi: int) -> bytes:
 # ----------------------------------------------------------------------------------------------- the figures
 
 
-def training_digits(images: np.ndarray, labels: Sequence[int], *, dpi: int = DPI) -> bytes:
-    """(a) The first training digits (up to nine) in a 3x3 grid, each titled "Number d" as in the seed notebook.
+def training_digits(
+    images: np.ndarray, labels: Sequence[int], *, titles: Sequence[str] | None = None, dpi: int = DPI
+) -> bytes:
+    """(a) The first training images (up to nine) in a 3x3 grid, each titled "Number d" as in the seed notebook.
 
-    ``images``: uint8 or [0, 1] float, shape (n, H, W); ``labels``: the n true labels.
+    ``images``: uint8 or [0, 1] float, shape (n, H, W); ``labels``: the n true labels; ``titles``: the title of
+    each class by label (e.g. its name), instead of "Number d".
     """
     imgs = _as_unit_images(images)[:9]
-    titles = [f"Number {int(v)}" for v in list(labels)[: len(imgs)]]
-    return _mosaic(imgs, titles, [INK] * len(titles), ncols=3, tile_in=1.4, fontsize=11, dpi=dpi)
+    shown = list(labels)[: len(imgs)]
+    names = [titles[int(v)] if titles is not None else f"Number {int(v)}" for v in shown]
+    names = [_wrap(name, 16) for name in names]
+    lines = max((name.count("\n") + 1 for name in names), default=1)
+    return _mosaic(imgs, names, [INK] * len(names), ncols=3, tile_in=1.4, fontsize=11, dpi=dpi, title_lines=lines)
 
 
 def inertia_vs_k(
@@ -275,9 +292,11 @@ def centroid_grid(
     labels: Sequence[int | None],
     image_shape: Sequence[int],
     *,
+    names: Sequence[str] | None = None,
     dpi: int = DPI,
 ) -> bytes:
-    """(d) The K centroid images, each titled "Inferred label: d" ("Inferred label: none" for an unmapped cluster).
+    """(d) The K centroid images, each titled "Inferred label: d" ("Inferred label: none" for an unmapped cluster),
+    or with the name of its inferred class when ``names`` (one per label) are given.
 
     ``centroids``: (K, H*W) or (K, H, W), pixel scale [0, 1]; ``labels``: the label map, one entry per centroid.
     The grid is about square (6x6 for K=36, 16x16 for K=256).
@@ -293,7 +312,11 @@ def centroid_grid(
     tile_in = min(1.25, 11.5 / (ncols * 1.24))
     one_line = tile_in >= 0.85
     sep = " " if one_line else "\n"
-    titles = [f"Inferred{sep}label: {'none' if v is None else int(v)}" for v in labels]
+    if names is not None:  # named classes: the name alone, on up to two lines
+        titles = ["none" if v is None else _wrap(names[int(v)], 14 if one_line else 9) for v in labels]
+        one_line = all("\n" not in t for t in titles)
+    else:
+        titles = [f"Inferred{sep}label: {'none' if v is None else int(v)}" for v in labels]
     fontsize = min(9.5, 9.0 * tile_in) if one_line else min(8.5, 14.0 * tile_in)
     return _mosaic(
         imgs, titles, colors, ncols=ncols, tile_in=tile_in, fontsize=fontsize, dpi=dpi, title_lines=1 if one_line else 2
@@ -321,7 +344,9 @@ def confusion_matrix(
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", norm=Normalize(0.0, 1.0), interpolation="nearest", aspect="equal")
     ax.set_xticks(range(n_pred))
-    ax.set_xticklabels(list(pred_names), fontsize=9)
+    # names longer than a digit or two would overlap side by side: slant them
+    slant = max((len(n) for n in pred_names), default=0) > 4
+    ax.set_xticklabels(list(pred_names), fontsize=9, rotation=40 if slant else 0, ha="right" if slant else "center")
     ax.set_yticks(range(n_true))
     ax.set_yticklabels(list(true_names), fontsize=9)
     ax.set_xlabel("predicted label (the cluster's inferred label)", color=INK, fontsize=10)
@@ -369,16 +394,24 @@ def misclassified_gallery(
     true: Sequence[int],
     pred: Sequence[int | None],
     *,
+    names: Sequence[str] | None = None,
     dpi: int = DPI,
 ) -> bytes:
-    """(f) Misclassified test digits, each titled with its true label and the label the clustering gave it.
+    """(f) Misclassified test images, each titled with its true label and the label the clustering gave it.
 
     ``images``: uint8 or [0, 1] float (n, H, W); ``pred`` entries may be ``None`` (the row fell in an unmapped
-    cluster).
+    cluster); ``names``: one per label, shown instead of the labels, on two lines ("Coat" over "→ Shirt").
     """
     imgs = _as_unit_images(images)
-    titles = [f"true {int(t)} \u2192 {'none' if p is None else int(p)}" for t, p in zip(true, pred, strict=False)]
-    return _mosaic(imgs, titles, [RED] * len(titles), ncols=8, tile_in=1.1, fontsize=9, dpi=dpi)
+    pairs = list(zip(true, pred, strict=False))
+    if names is None:
+        titles = [f"true {int(t)} \u2192 {'none' if p is None else int(p)}" for t, p in pairs]
+    else:
+        titles = [
+            f"{_cut(names[int(t)], 14)}\n\u2192 {_cut('none' if p is None else names[int(p)], 12)}" for t, p in pairs
+        ]
+    lines = 1 if names is None else 2
+    return _mosaic(imgs, titles, [RED] * len(titles), ncols=8, tile_in=1.1, fontsize=9, dpi=dpi, title_lines=lines)
 
 
 def inertia_per_epoch(curves: Mapping[int, Sequence[float]], *, epochs: int | None = None, dpi: int = DPI) -> bytes:

@@ -2,9 +2,10 @@
 
 One step per figure turns a :class:`~mnist_kmeans.report.rundir.RunData` into the arguments of a drawing function
 of :mod:`mnist_kmeans.report.figures` and the words around it; a figure the run has no data for becomes a note
-that the page shows instead. Where the run is on the seed notebook's data (full MNIST), the seed's published
-values are drawn beside the run's. The drawing itself is left to a ``draw`` callable, so that a caller may draw
-the figures on a cluster's workers at once.
+that the page shows instead. Where the run is on the seed notebook's data (full MNIST, told by its md5 sums:
+:mod:`.identity`), the seed's published values are drawn beside the run's. Titles and captions word the data as
+it is: digits on MNIST, else images, each class by its name when the store named them. The drawing itself is
+left to a ``draw`` callable, so that a caller may draw the figures on a cluster's workers at once.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from mnist_kmeans.reference import comparable_with_seed
 from mnist_kmeans.report import figures
 from mnist_kmeans.report.formatting import fmt_pct
+from mnist_kmeans.report.identity import DataIdentity
 from mnist_kmeans.report.rundir import RunData
 from mnist_kmeans.report.values import is_int
 
@@ -86,16 +87,25 @@ def _seed_note(seed: SeedRows | None) -> str:
 # Each step returns its figure, or the note the page shows instead when the run has nothing to draw.
 
 
+def _names(run: RunData) -> list[str] | None:
+    """The class names to title images with, when the store named its classes."""
+    names = run.identity.class_names
+    return list(names) if names is not None else None
+
+
 def _training_digits(run: RunData, draw: Draw) -> ReportFigure | str:
     images, labels = run.train_first
+    noun = run.identity.noun
     if not len(images):
-        return "samples.zarr holds no training digits to show."
+        return f"samples.zarr holds no training {noun}s to show."
+    titles = [run.identity.title(c) for c in range(run.n_classes)]
+    how = "'Number' and its label" if titles[0].startswith("Number ") else "with its class"
     return ReportFigure(
         "training_digits",
-        f"The first {len(images)} training digits",
+        f"The first {len(images)} training {noun}s",
         "The first rows of the training split with their true labels, as the seed notebook shows them.",
-        "Grid of the first training digits, each titled 'Number' and its label.",
-        draw(figures.training_digits, images, labels),
+        f"Grid of the first training {noun}s, each titled {how}.",
+        draw(figures.training_digits, images, labels, titles=titles),
     )
 
 
@@ -123,8 +133,8 @@ def _scores_vs_k(run: RunData, seed: SeedRows | None, draw: Draw) -> ReportFigur
         "Homogeneity and accuracy against K",
         "Left, the seed notebook's view: homogeneity and accuracy (each cluster votes for the most frequent label of "
         "its training rows) rise with K by construction — with one cluster per row both reach 100 % — so they show "
-        "how well clusters separate digits, not which K is best. Right: ARI and NMI on the training split, which do "
-        "not reward extra clusters for free and are fair across K." + _seed_note(seed),
+        f"how well clusters separate {run.identity.noun}s by class, not which K is best. Right: ARI and NMI on the "
+        "training split, which do not reward extra clusters for free and are fair across K." + _seed_note(seed),
         "Two line charts: homogeneity and train and test accuracy against K; ARI and NMI against K.",
         draw(
             figures.scores_vs_k,
@@ -135,13 +145,13 @@ def _scores_vs_k(run: RunData, seed: SeedRows | None, draw: Draw) -> ReportFigur
     )
 
 
-def _coverage(label_map: Sequence[int | None], n_classes: int) -> str:
+def _coverage(label_map: Sequence[int | None], n_classes: int, identity: DataIdentity) -> str:
     """The sentences under a centroid grid: which classes no centroid stands for, how many clusters are empty."""
     covered = {v for v in label_map if v is not None}
     missing = [c for c in range(n_classes) if c not in covered]
     n_empty = sum(v is None for v in label_map)
     detail = (
-        f" No centroid stands for class {', '.join(map(str, missing))}."
+        f" No centroid stands for class {', '.join(map(identity.label, missing))}."
         if missing
         else f" Every one of the {n_classes} classes has at least one centroid."
     )
@@ -151,14 +161,20 @@ def _coverage(label_map: Sequence[int | None], n_classes: int) -> str:
 
 
 def _centroid_grids(run: RunData, draw: Draw) -> list[ReportFigure]:
+    names = _names(run)
+    how, alt = (
+        ("with the name of its inferred class", "with its inferred class")
+        if names
+        else ("“Inferred label: d”", "'Inferred label' and its label")
+    )
     return [
         ReportFigure(
             f"centroids_k{k}",
             f"The K={k} centroids",
-            f"Each centroid drawn as an image and titled “Inferred label: d”, the most frequent true label of the "
-            f"training rows nearest to it.{_coverage(run.label_maps[k], run.n_classes)}",
-            f"Grid of the {k} centroid images, each titled 'Inferred label' and its label.",
-            draw(figures.centroid_grid, centroids, run.label_maps[k], run.image_shape),
+            f"Each centroid drawn as an image and titled {how}, the most frequent true label of the "
+            f"training rows nearest to it.{_coverage(run.label_maps[k], run.n_classes, run.identity)}",
+            f"Grid of the {k} centroid images, each titled {alt}.",
+            draw(figures.centroid_grid, centroids, run.label_maps[k], run.image_shape, names=names),
         )
         for k, centroids in run.centroids.items()
     ]
@@ -182,8 +198,8 @@ def _confusion(run: RunData, draw: Draw) -> ReportFigure:
         draw(
             figures.confusion_matrix,
             matrix,
-            [str(c) for c in range(n_classes)],
-            pred_names,
+            [run.identity.label(c) for c in range(n_classes)],
+            [run.identity.label(c) for c in range(n_classes)] + pred_names[n_classes:],
             title=f"Test split, K={best_k}",
         ),
     )
@@ -191,15 +207,16 @@ def _confusion(run: RunData, draw: Draw) -> ReportFigure:
 
 def _misclassified(run: RunData, draw: Draw) -> ReportFigure | str:
     images, true, pred, k = run.misclassified
+    noun = run.identity.noun
     if not len(images):
-        return "No misclassified test digits to show."
+        return f"No misclassified test {noun}s to show."
     return ReportFigure(
         "misclassified",
-        "Misclassified test digits",
-        f"The first {len(images)} test digits whose cluster's inferred label is wrong at K={k or run.best_k}, "
+        f"Misclassified test {noun}s",
+        f"The first {len(images)} test {noun}s whose cluster's inferred label is wrong at K={k or run.best_k}, "
         "titled “true → predicted”.",
-        "Grid of misclassified test digits with their true and predicted labels.",
-        draw(figures.misclassified_gallery, images, true, pred),
+        f"Grid of misclassified test {noun}s with their true and predicted labels.",
+        draw(figures.misclassified_gallery, images, true, pred, names=_names(run)),
     )
 
 
@@ -246,7 +263,7 @@ def build_figures(
     """
     draw = draw or _call
     seed_rows = {int(r["k"]): r for r in seed_table.get("results", [])}
-    seed = seed_rows if comparable_with_seed(run.metrics.get("dataset", {})) else None
+    seed = seed_rows if run.identity.comparable else None
     steps = (
         _training_digits(run, draw),
         _inertia_vs_k(run, seed, draw),

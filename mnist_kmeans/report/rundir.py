@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from mnist_kmeans.data.classes import valid_class_names
 from mnist_kmeans.errors import UserError
+from mnist_kmeans.report.identity import DataIdentity, identify
 from mnist_kmeans.report.values import is_int, is_num
 
 METRIC_KEYS = ("inertia", "homogeneity", "ari", "nmi", "accuracy_train", "accuracy_test")
@@ -45,6 +47,7 @@ class RunData:
     manifest: dict[str, Any] | None
     job_yaml: str | None
     has_performance: bool
+    identity: DataIdentity  # which data, how to word it, whether the seed's table applies
 
 
 # ----------------------------------------------------------------------------------------------- JSON files
@@ -158,6 +161,16 @@ def _read_label_maps(run_dir: Path, ks: Sequence[int], n_classes: int) -> dict[i
             raise UserError(f"{path}: key '{k}' holds an entry that is neither null nor a class in 0..{n_classes - 1}")
         label_maps[k] = label_map
     return label_maps
+
+
+def _check_class_names(run_dir: Path, dataset: Mapping[str, Any], n_classes: int) -> None:
+    """``metrics.json``'s ``dataset.class_names``, when present and not null: one name per class."""
+    names = dataset.get("class_names")
+    if names is not None and not valid_class_names(names, n_classes):
+        raise UserError(
+            f"{run_dir / 'metrics.json'}: key 'dataset.class_names' must be null or a list of {n_classes} short "
+            f"names, got {json.dumps(names)[:60]}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- Zarr groups
@@ -308,6 +321,7 @@ def load_run(run_dir: str | Path, unfinished: bool = False) -> RunData:
     ks = [r["k"] for r in results]
     evaluation = _read_evaluation(run, metrics, ks)
     label_maps = _read_label_maps(run, ks, evaluation.n_classes)
+    _check_class_names(run, metrics.get("dataset", {}), evaluation.n_classes)
     centroid_path = run / "centroids.zarr"
     centroid_group = _open_zarr(centroid_path)
     image_shape = _image_shape(centroid_group, metrics.get("dataset", {}), centroid_path)
@@ -316,6 +330,7 @@ def load_run(run_dir: str | Path, unfinished: bool = False) -> RunData:
     centroids = _read_centroids(centroid_group, grid_ks, image_shape, centroid_path)
     samples = _read_samples(run, image_shape)
     manifest_path = run / "manifest.json"
+    manifest = _read_json(manifest_path) if manifest_path.exists() else None
     return RunData(
         run_dir=run,
         metrics=metrics,
@@ -329,7 +344,8 @@ def load_run(run_dir: str | Path, unfinished: bool = False) -> RunData:
         centroid_note=centroid_note,
         train_first=samples.train_first,
         misclassified=samples.misclassified,
-        manifest=_read_json(manifest_path) if manifest_path.exists() else None,
+        manifest=manifest,
         job_yaml=job_yaml,
         has_performance=(run / "dask-performance.html").is_file(),
+        identity=identify(metrics.get("dataset", {}), manifest),
     )
