@@ -32,7 +32,8 @@ import yaml
 from mnist_kmeans import __version__
 from mnist_kmeans.checkpoint import Checkpoint
 from mnist_kmeans.config import DEFAULT_SOURCE, ClusterConfig, JobConfig, load_cluster, load_job, with_overrides
-from mnist_kmeans.data.store import StoreInfo, is_remote, open_store, read_attrs, read_rows
+from mnist_kmeans.data.staging import local_path
+from mnist_kmeans.data.store import FORMAT, StoreInfo, open_store, read_attrs, read_rows
 from mnist_kmeans.errors import ClusterError, Log, UserError, to_stderr
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
@@ -157,19 +158,20 @@ def prepare(
 
 
 def ensure_store(url: str, log: Log) -> tuple[StoreInfo, float]:
-    """Open the job's store; a missing or unfinished local store is first ingested from ``data/mnist/``."""
-    t0 = time.perf_counter()
-    attrs = read_attrs(url)
-    if attrs is None or attrs.get("complete") is not True:
-        if is_remote(url):
-            return open_store(url), 0.0  # raises the "no store / incomplete" error: we never write a remote store here
-        if attrs is not None and attrs.get("format") not in (None, "mnist-kmeans/1"):
-            return open_store(url), 0.0  # a store of another format: refuse, do not overwrite
-        from mnist_kmeans.data.ingest import ingest
+    """Open the job's store. Only the default store (``data/mnist.zarr``, however spelled) is first ingested from
+    ``data/mnist/`` when it is missing or unfinished (``complete: false``); any other store must be there and complete,
+    or the job would silently run on other data than it names (open_store's error says how to make it)."""
+    from mnist_kmeans.config import DEFAULT_STORE  # here, not above: that import line is at its length limit
 
-        # ingest's own progress lines are held back until it succeeds; an error stays one line
-        ingest(DEFAULT_SOURCE, url, log=log)
-        log(f"ingested {DEFAULT_SOURCE}/ into {url} (there was no complete store)")
+    t0 = time.perf_counter()
+    if local_path(url) == local_path(DEFAULT_STORE):
+        attrs = read_attrs(url)
+        if attrs is None or (attrs.get("format") == FORMAT and attrs.get("complete") is False):
+            from mnist_kmeans.data.ingest import ingest
+
+            # ingest's own progress lines are held back until it succeeds; an error stays one line
+            ingest(DEFAULT_SOURCE, url, log=log)
+            log(f"ingested {DEFAULT_SOURCE}/ into {url} (there was no complete store)")
     return open_store(url), time.perf_counter() - t0
 
 
