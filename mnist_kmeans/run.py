@@ -43,7 +43,8 @@ from mnist_kmeans.config import (
     refuse_memory_store,
     with_overrides,
 )
-from mnist_kmeans.data.store import StoreInfo, open_store, read_attrs, read_rows
+from mnist_kmeans.data.staging import local_path
+from mnist_kmeans.data.store import FORMAT, StoreInfo, open_store, read_attrs, read_rows
 from mnist_kmeans.errors import ClusterError, Log, UserError, count, shorten, to_stderr
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
@@ -177,11 +178,13 @@ def prepare(
 
 
 def _to_ingest(url: str) -> bool:
-    """Whether ``url`` is the default store and holds no complete store yet (docs/contract.md, "run")."""
-    if url != DEFAULT_STORE:
+    """Whether ``url`` is the default store (however spelled) and must be ingested first: missing, or unfinished
+    (``complete: false``). Any other store must be there and complete, or the job would silently run on other data
+    than it names (``open_store``'s error says how to make it); docs/contract.md, "run"."""
+    if local_path(url) != local_path(DEFAULT_STORE):
         return False
     attrs = read_attrs(url)
-    return attrs is None or attrs.get("complete") is not True
+    return attrs is None or (attrs.get("format") == FORMAT and attrs.get("complete") is False)
 
 
 def ingest_default(run: JobRun, log: Log) -> JobRun:
@@ -200,14 +203,9 @@ def checkpoint_layout(job: JobConfig, info: StoreInfo) -> CheckpointLayout:
 
 
 def ensure_store(url: str, log: Log) -> tuple[StoreInfo, float]:
-    """Open the job's store; a missing or unfinished default store is first ingested from the default source."""
+    """Open the job's store, the default store ingested first from the default source if :func:`_to_ingest`."""
     t0 = time.perf_counter()
-    attrs = read_attrs(url)
-    if attrs is None or attrs.get("complete") is not True:
-        if url != DEFAULT_STORE:
-            return open_store(url), 0.0  # raises the "no store / incomplete" error: only the default is ingested
-        if attrs is not None and attrs.get("format") not in (None, "mnist-kmeans/1"):
-            return open_store(url), 0.0  # a store of another format: refuse, do not overwrite
+    if _to_ingest(url):
         from mnist_kmeans.data.ingest import ingest
 
         # ingest's own progress lines are held back until it succeeds; an error stays one line

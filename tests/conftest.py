@@ -15,12 +15,13 @@ from tests.helpers import KGRID_STORE_ARGS, IdxDataset, QuietHTTPHandler, make_s
 
 
 @pytest.fixture
-def http_server() -> Iterator[Callable[[Path], str]]:
-    """``serve(directory) -> base URL``: a real HTTP server on 127.0.0.1 for the test's duration."""
+def http_server() -> Iterator[Callable[..., str]]:
+    """``serve(directory, handler_class=QuietHTTPHandler) -> base URL``: a real HTTP server on 127.0.0.1 for the test's
+    duration (``handler_class``: a subclass of QuietHTTPHandler, e.g. one that holds a file back)."""
     servers: list[ThreadingHTTPServer] = []
 
-    def serve(directory: Path) -> str:
-        handler = functools.partial(QuietHTTPHandler, directory=str(directory))
+    def serve(directory: Path, handler_class: type[QuietHTTPHandler] = QuietHTTPHandler) -> str:
+        handler = functools.partial(handler_class, directory=str(directory))
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

@@ -162,6 +162,7 @@ def test_store_has_the_layout_and_attributes_of_an_ingested_one(source, built):
     assert set(attrs) == set(read_attrs(source)) | {"augmented_from"}  # an ingested store's keys, and one more
     assert attrs["format"] == FORMAT and attrs["complete"] is True and attrs["chunk_rows"] == CHUNK_ROWS
     assert attrs["augmented_from"]["store"] == source
+    assert attrs["label_max"] == {split: int(split_arrays(built, split)[1].max()) for split in ("train", "test")}
     assert (attrs["augmented_from"]["seed"], attrs["augmented_from"]["rows"]) == (0, N_ROWS)
     group = zarr.open_group(built, mode="r", use_consolidated=False)
     for split, n in (("train", N_ROWS), ("test", N_TEST)):

@@ -21,6 +21,7 @@ store is built in a sibling temporary directory and renamed into place once comp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -35,14 +36,17 @@ import numpy as np
 import zarr
 
 from mnist_kmeans.data.deform import DEFAULT_PARAMS, ROWS_PER_STREAM, DeformParams, deform
-from mnist_kmeans.data.staging import existing_store, local_path, staging
+from mnist_kmeans.data.staging import claimed, existing_store, local_path, staging
 from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
     CLASS_NAMES_ATTR,
+    LABEL_MAX_ATTR,
+    StoreError,
     StoreInfo,
     chunk_checksum,
     create_split,
     create_store,
+    is_complete,
     mark_complete,
     open_store,
     read_rows,
@@ -86,12 +90,14 @@ class _Plan:
 
 @dataclasses.dataclass(frozen=True)
 class WrittenChunk:
-    """What a task reports of the chunk it wrote: the CRC-32 sums that ``store.verify_chunk`` checks later."""
+    """What a task reports of the chunk it wrote: the CRC-32 sums that ``store.verify_chunk`` checks later, and its
+    largest label (``label_max``)."""
 
     split: str
     index: int
     images_crc32: int
     labels_crc32: int
+    label_max: int
 
 
 def _read_source(info: StoreInfo, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +127,7 @@ def _write_chunk(target: str, split: str, start: int, images: np.ndarray, labels
         group[f"{split}/images"][start : start + len(images)] = images
         group[f"{split}/labels"][start : start + len(labels)] = labels
     index = start // group[f"{split}/images"].chunks[0]
-    return WrittenChunk(split, index, chunk_checksum(images), chunk_checksum(labels))
+    return WrittenChunk(split, index, chunk_checksum(images), chunk_checksum(labels), int(labels.max()))
 
 
 def augment_chunk(info: StoreInfo, target: str, start: int, stop: int, seed: int, params: DeformParams) -> WrittenChunk:
@@ -153,15 +159,15 @@ def augment_command(args: argparse.Namespace) -> StoreInfo:
         refuse_memory_store(url)
     cfg = load_cluster(args.cluster)
     # absolute: each chunk is read and written on a worker, whose working directory may be anywhere
-    plan = _check(local_path_option(args.store), local_path_option(args.out), args.rows, args.seed)
-    from mnist_kmeans.cluster import connect, wait_closed  # imports distributed: only once the inputs are good
+    with _planned(local_path_option(args.store), local_path_option(args.out), args.rows, args.seed) as plan:
+        from mnist_kmeans.cluster import connect, wait_closed  # imports distributed: only once the inputs are good
 
-    try:
-        with connect(cfg, args.scheduler) as (client, cinfo):
-            print(f"dashboard: {cinfo.dashboard}", flush=True)
-            return _build(plan, client, to_stderr)
-    finally:
-        wait_closed()
+        try:
+            with connect(cfg, args.scheduler) as (client, cinfo):
+                print(f"dashboard: {cinfo.dashboard}", flush=True)
+                return _build(plan, client, to_stderr)
+        finally:
+            wait_closed()
 
 
 def augment(
@@ -200,11 +206,22 @@ def augment(
     ClusterError
         The cluster was lost; the partial store is removed (local) or left incomplete (remote).
     """
-    return _build(_check(store, out, rows, seed, params), client, log)
+    with _planned(store, out, rows, seed, params) as plan:
+        return _build(plan, client, log)
+
+
+@contextlib.contextmanager
+def _planned(store: str, out: str, rows: int, seed: int, params: DeformParams = DEFAULT_PARAMS) -> Iterator[_Plan]:
+    """The checked plan, with ``--out`` claimed (``staging.claimed``) for as long as the caller builds it: a second
+    augment or ingest into it is refused."""
+    plan = _check(store, out, rows, seed, params)
+    with claimed(plan.local, plan.out):  # only now: --out inside the source must not get a lock file there
+        yield _check_target(plan)
 
 
 def _check(store: str, out: str, rows: int, seed: int, params: DeformParams = DEFAULT_PARAMS) -> _Plan:
-    """Every refusal of exit code 2 (docs/contract.md), before anything starts or is written."""
+    """Every refusal of exit code 2 (docs/contract.md) but those about what is at ``--out`` (:func:`_check_target`),
+    before anything starts or is written."""
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise UserError(f"--rows: must be a positive integer, got {rows!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -218,10 +235,15 @@ def _check(store: str, out: str, rows: int, seed: int, params: DeformParams = DE
     where = _same_or_inside(out, local, store, src_local)
     if where:
         raise UserError(f"--out {out}: is {where} the source store --store {store}; choose another path")
-    existing = existing_store(out, local)
-    if existing is not None and existing.get("complete") is True:
-        raise UserError(f"--out {out}: a complete store is already there; will not overwrite it (remove it first)")
-    return _Plan(source, out, local, rows, seed, params, overwrite=local is None and existing is not None)
+    return _Plan(source, out, local, rows, seed, params, overwrite=False)
+
+
+def _check_target(plan: _Plan) -> _Plan:
+    """Refuse a complete store (or anything not a store) at ``--out``; an incomplete one is rebuilt."""
+    existing = existing_store(plan.out, plan.local)
+    if existing is not None and is_complete(plan.out, existing):
+        raise UserError(f"--out {plan.out}: a complete store is already there; will not overwrite it (remove it first)")
+    return dataclasses.replace(plan, overwrite=plan.local is None and existing is not None)
 
 
 def _same_or_inside(out: str, out_local: Path | None, store: str, src_local: Path | None) -> str | None:
@@ -241,8 +263,9 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
     attrs = _store_attributes(plan)
     with staging(plan.local, plan.out, log) as target:
         group = _create_empty(plan, target, attrs)
-        checksums = _run_tasks(client, _tasks(plan, target, attrs["ingest_id"][:8]), plan, log)
-        mark_complete(group, {CHECKSUM_ATTR: checksums})
+        checksums, label_max = _run_tasks(client, _tasks(plan, target, attrs["ingest_id"][:8]), plan, log)
+        _check_labels(plan, label_max)
+        mark_complete(group, {CHECKSUM_ATTR: checksums, LABEL_MAX_ATTR: label_max})
     info = open_store(str(plan.local) if plan.local is not None else plan.out)
     seconds = time.perf_counter() - started
     log(
@@ -251,6 +274,17 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
         f"({info.n_train / seconds:,.0f} rows/s)"
     )
     return info
+
+
+def _check_labels(plan: _Plan, label_max: dict[str, int]) -> None:
+    """The labels copied must be classes of the new store (its ``n_classes`` is the source's): a source whose labels
+    were changed after it was written must not yield a complete store that ``open_store`` would refuse."""
+    top = max(label_max.values())
+    if top >= plan.source.n_classes:
+        raise StoreError(
+            f"{plan.source.url}: holds label {top}, but the store says n_classes is {plan.source.n_classes}; the store "
+            "was changed after it was written: rebuild it (mnist-kmeans ingest --force)"
+        )
 
 
 def _store_attributes(plan: _Plan) -> dict[str, Any]:
@@ -339,21 +373,26 @@ class _TaskWindow:
         self._client.cancel(list(self._running.futures))
 
 
-def _run_tasks(client: Any, tasks: Iterator[_Task], plan: _Plan, log: Log) -> dict[str, dict[str, list[int]]]:
+def _run_tasks(
+    client: Any, tasks: Iterator[_Task], plan: _Plan, log: Log
+) -> tuple[dict[str, dict[str, list[int]]], dict[str, int]]:
     """Run the tasks in a bounded window; raise on the first failure, cancelling the rest.
 
-    Returns the CRC-32 of every chunk written, ``{split: {"images": [...], "labels": [...]}}`` (``chunk_crc32``).
+    Returns the CRC-32 of every chunk written, ``{split: {"images": [...], "labels": [...]}}`` (``chunk_crc32``), and
+    the largest label of each split (``label_max``).
     """
     threads = sum(client.nthreads().values()) or 1
     # enough to keep every thread busy while results come back; O(1) in --rows
     window = _TaskWindow(client, tasks, size=max(8, 4 * threads))
     n_chunks = {split: plan.n_chunks(split) for split in ("train", "test")}
     sums = {split: {"images": [0] * n, "labels": [0] * n} for split, n in n_chunks.items()}
+    label_max = dict.fromkeys(n_chunks, 0)
     progress = _ChunkProgress(sum(n_chunks.values()), log)
     try:
         for written in window.results():
             sums[written.split]["images"][written.index] = written.images_crc32
             sums[written.split]["labels"][written.index] = written.labels_crc32
+            label_max[written.split] = max(label_max[written.split], written.label_max)
             progress.chunk_written()
     except BaseException as exc:
         window.cancel()
@@ -361,7 +400,7 @@ def _run_tasks(client: Any, tasks: Iterator[_Task], plan: _Plan, log: Log) -> di
         if error is None:
             raise
         raise error from None
-    return sums
+    return sums, label_max
 
 
 @dataclasses.dataclass

@@ -4,7 +4,9 @@ An ingest:
 
 1. opens the source's four files and checks their headers (counts of images and labels agree per split, training
    and test images have one size) before anything is written;
-2. looks at the target: nothing there, a store of this format (complete or not), or anything else (refused);
+2. claims a local target (an exclusive lock on ``<store>.lock``, ``staging.claimed``: a second ingest or augment
+   into it is refused until this one ends), then looks at it: nothing there, a store of this format (complete or
+   not), or anything else (refused);
 3. with a complete store there and no ``force``, reads the source once for its md5 sums: the same sums are a no-op
    that writes nothing, other sums an error that asks for ``--force``;
 4. otherwise streams every file into a new store, a chunk at a time (memory: one chunk), checks each file's md5 as
@@ -31,13 +33,15 @@ from mnist_kmeans.data import store as store_layout
 from mnist_kmeans.data.classes import check_count, read_class_names
 from mnist_kmeans.data.idx import IdxReader
 from mnist_kmeans.data.sources import SPLIT_FILES, Source, open_source
-from mnist_kmeans.data.staging import existing_store, local_path, staging
+from mnist_kmeans.data.staging import claimed, existing_store, local_path, staging
 from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
     CLASS_NAMES_ATTR,
     DEFAULT_CHUNK_ROWS,
+    LABEL_MAX_ATTR,
     StoreInfo,
     chunk_checksum,
+    is_complete,
     open_store,
 )
 from mnist_kmeans.errors import Log, UserError
@@ -113,21 +117,23 @@ def ingest(
 
 def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log, given: _Names | None) -> StoreInfo:
     local = local_path(store)
-    existing = existing_store(store, local)
-    with open_source(source) as src:
-        names = given or _Names(src.class_names, src.class_names_from)
-        layout = _check_layout(src)
-        rows = chunk_rows or DEFAULT_CHUNK_ROWS
-        _check_chunk_bytes(src, layout, rows)
-        if existing is not None and existing.get("complete") is True and not force:
-            return _keep_existing(store, src, chunk_rows, names, log)
-        if existing is not None:
-            why = "--force" if existing.get("complete") is True else "it is incomplete"
-            log(f"ingest: rebuilding {store} ({why})")
-        with staging(local, store, log) as target:
-            overwrite = local is None and existing is not None
-            _write(target, src, layout, rows, names, overwrite=overwrite, log=log, name=store)
-    info = open_store(store)
+    with claimed(local, store):  # before the target is read: a second ingest into it stops here, changing nothing
+        existing = existing_store(store, local)
+        with open_source(source) as src:
+            names = given or _Names(src.class_names, src.class_names_from)
+            layout = _check_layout(src)
+            rows = chunk_rows or DEFAULT_CHUNK_ROWS
+            _check_chunk_bytes(src, layout, rows)
+            # a `complete` that is neither true nor false is refused (is_complete) unless --force rebuilds anyway
+            if existing is not None and not force and is_complete(store, existing):
+                return _keep_existing(store, src, chunk_rows, names, log)
+            if existing is not None:
+                why = "it is incomplete" if existing.get("complete") is False else "--force"
+                log(f"ingest: rebuilding {store} ({why})")
+            with staging(local, store, log) as target:
+                overwrite = local is None and existing is not None
+                _write(target, src, layout, rows, names, overwrite=overwrite, log=log, name=store)
+        info = open_store(store)
     h, w = info.image_shape
     log(
         f"ingest: wrote {store}: {info.n_train} training and {info.n_test} test images of {h}x{w}, "
@@ -218,20 +224,21 @@ def _write(
     }
     try:
         group = store_layout.create_store(target, attrs, overwrite=overwrite)
-        md5, top_label, checksums = {}, 0, {}
+        md5, label_max, checksums = {}, {}, {}
         for split, (images_name, labels_name) in SPLIT_FILES.items():
             images, labels = store_layout.create_split(group, split, layout.n_rows[split], layout.n_features, rows)
             _, images_crc = _copy(src.readers[images_name], rows, images)
             md5[images_name] = _finish_file(src, images_name, log)
-            top, labels_crc = _copy(src.readers[labels_name], rows, labels)
-            top_label = max(top_label, top)
+            label_max[split], labels_crc = _copy(src.readers[labels_name], rows, labels)
             md5[labels_name] = _finish_file(src, labels_name, log)
             checksums[split] = {"images": images_crc, "labels": labels_crc}
-        # Labels index the classes (label maps, confusion matrices): n_classes is the largest label + 1.
-        # The CRC-32 of every chunk lets every later read prove it got what was written (store.verify_chunk).
-        final = {"md5": md5, "n_classes": top_label + 1, CHECKSUM_ATTR: checksums}
+        # Labels index the classes (label maps, confusion matrices): n_classes is the largest label + 1; label_max
+        # lets open_store check that without reading the labels. The CRC-32 of every chunk lets every later read
+        # prove it got what was written (store.verify_chunk).
+        n_classes = max(label_max.values()) + 1
+        final = {"md5": md5, "n_classes": n_classes, LABEL_MAX_ATTR: label_max, CHECKSUM_ATTR: checksums}
         if names.names is not None:
-            check_count(names.where, names.names, top_label + 1)  # before complete: a wrong count leaves no store
+            check_count(names.where, names.names, n_classes)  # before complete: a wrong count leaves no store
             final[CLASS_NAMES_ATTR] = names.names
         store_layout.mark_complete(group, final)
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:

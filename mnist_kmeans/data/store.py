@@ -2,8 +2,9 @@
 
 Layout::
 
-    <store>/zarr.json            group attributes: format, source, md5, image_shape, n_classes, complete, and
-                                 optionally class_names, augmented_from
+    <store>/zarr.json            group attributes: format, source, md5, image_shape, n_classes, label_max,
+                                 chunk_rows, ingest_id, chunk_crc32, complete, and optionally class_names,
+                                 augmented_from
     <store>/train/images         uint8 (n_train, H*W), chunks (chunk_rows, H*W)
     <store>/train/labels         uint8 (n_train,),     chunks (chunk_rows,)
     <store>/test/images, test/labels   the same for the test split
@@ -18,11 +19,17 @@ silently return its fill value), truncated or changed since ingest stops the job
 names the store, the split, the chunk and its rows, rather than giving a wrong result. A store without the attribute
 (ingested before it existed) is still read; there only a missing images chunk is detected, and the advice is to
 re-ingest with ``--force``.
+
+Trust: :func:`open_store` checks every group attribute against the arrays before anything uses it, so a store that
+misdescribes itself fails there, before a cluster starts. ``n_classes`` must exceed the largest label, which ingest
+and augment record per split (``label_max``; read from the labels for a store that lacks it); :func:`load_chunk`
+checks each chunk's labels against ``n_classes`` too, for labels changed after the store was written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +40,7 @@ import zarr
 
 from mnist_kmeans.data.chunk_cache import CACHE
 from mnist_kmeans.data.classes import valid_class_names
-from mnist_kmeans.errors import UserError, one_line
+from mnist_kmeans.errors import UserError, one_line, shorten
 
 FORMAT = "mnist-kmeans/1"
 SPLITS = ("train", "test")
@@ -42,6 +49,10 @@ SPLITS = ("train", "test")
 DEFAULT_CHUNK_ROWS = 10_000
 CHECKSUM_ATTR = "chunk_crc32"
 CLASS_NAMES_ATTR = "class_names"
+# {split: largest label}, recorded at ingest so that opening a store checks n_classes without reading labels
+LABEL_MAX_ATTR = "label_max"
+MAX_CLASSES = 256  # labels are uint8
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 class StoreError(UserError):
@@ -116,103 +127,213 @@ def read_attrs(url: str) -> dict[str, Any] | None:
 
 
 def open_store(url: str) -> StoreInfo:
-    """Open a complete store for reading; anything else is a UserError that says how to fix it."""
+    """Open a complete store for reading; anything else is a UserError that says how to fix it.
+
+    No attribute is trusted: each is checked against the arrays (docs/contract.md, "Store layout"), so a store that
+    misdescribes itself is refused here, before any cluster starts, instead of failing in the middle of a run.
+    """
     url = str(url)
     attrs = read_attrs(url)
     if attrs is None:
         raise UserError(f"{url}: no store there (run `mnist-kmeans ingest --store {url}` first)")
     if attrs.get("format") != FORMAT:
-        raise UserError(f"{url}: store format is {attrs.get('format')!r}, this version reads {FORMAT!r}")
-    if attrs.get("complete") is not True:
+        raise attribute_error(
+            url, "format", f"the store format is {_shown(attrs.get('format'))}, this version reads {FORMAT!r}"
+        )
+    if not is_complete(url, attrs):
         raise UserError(
             f"{url}: store is incomplete (an ingest was interrupted); run `mnist-kmeans ingest --store {url}` again"
         )
     try:
-        arrays, (h, w), chunk_rows = _checked_arrays(_open_group(url), attrs)
-        md5 = attrs.get("md5", {})
-        if not isinstance(md5, dict):
-            raise ValueError("attribute md5 is not a mapping")
-        info = StoreInfo(
-            url=url,
-            n_train=int(arrays["train", "images"].shape[0]),
-            n_test=int(arrays["test", "images"].shape[0]),
-            n_features=h * w,
-            image_shape=(h, w),
-            n_classes=int(attrs["n_classes"]),
-            chunk_rows=chunk_rows,
-            md5=dict(md5),
-            source=str(attrs.get("source", "")),
-            ingest_id=str(attrs.get("ingest_id", "")),
-        )
-        if info.n_classes < 1:
-            raise ValueError(f"n_classes is {info.n_classes}")
-        names = attrs.get(CLASS_NAMES_ATTR)
-        if names is not None and not valid_class_names(names, info.n_classes):
-            raise ValueError(f"attribute {CLASS_NAMES_ATTR} must be a list of {info.n_classes} short names")
-        origin = attrs.get("augmented_from")
-        if origin is not None and not isinstance(origin, dict):
-            raise ValueError("attribute augmented_from is not a mapping")
-        return dataclasses.replace(
-            info,
-            checksums=_checksums_of(attrs, info),
-            class_names=tuple(names) if names is not None else None,
-            augmented_from=dict(origin) if origin is not None else None,
-        )
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"{url}: not a valid mnist-kmeans store: {type(exc).__name__}: {exc}") from None
+        group = _open_group(url)
+        arrays, n_features, chunk_rows = _checked_arrays(group)
+    except Exception as exc:  # an array missing, of another kind or shape, metadata that does not parse
+        raise UserError(f"{url}: not a valid mnist-kmeans store: {one_line(exc, with_type=True)}") from None
+    checked = _Attributes(url, attrs)
+    checked.equal_int("chunk_rows", chunk_rows, "the arrays' chunks")
+    info = StoreInfo(
+        url=url,
+        n_train=int(arrays["train", "images"].shape[0]),
+        n_test=int(arrays["test", "images"].shape[0]),
+        n_features=n_features,
+        image_shape=checked.image_shape(n_features),
+        n_classes=checked.n_classes(_label_max(checked, arrays)),
+        chunk_rows=chunk_rows,
+        md5=checked.md5(),
+        source=checked.text("source"),
+        ingest_id=checked.hex_id("ingest_id"),
+    )
+    return dataclasses.replace(
+        info,
+        checksums=checked.checksums(info),
+        class_names=checked.class_names(info.n_classes),
+        augmented_from=checked.augmented_from(),
+    )
 
 
-def _checked_arrays(
-    group: zarr.Group, attrs: dict[str, Any]
-) -> tuple[dict[tuple[str, str], zarr.Array], tuple[int, int], int]:
-    """The four arrays ``{(split, name): array}``, the image shape and the chunk rows, checked against the layout
-    above; a ``ValueError`` (or whatever reading them raises) says what does not fit."""
+def is_complete(url: str, attrs: dict[str, Any]) -> bool:
+    """The ``complete`` attribute of a store of this format: ``True`` (complete), ``False`` (being built or
+    interrupted); anything else is a UserError, for neither state can be assumed of it."""
+    value = attrs.get("complete")
+    if isinstance(value, bool):
+        return value
+    raise attribute_error(
+        url,
+        "complete",
+        f"must be true or false, got {_shown(value)}; the store cannot be trusted: rebuild it "
+        "(mnist-kmeans ingest --force, or augment into a new path)",
+    )
+
+
+def attribute_error(url: str, name: str, what: str) -> UserError:
+    """The error for a wrong group attribute: ``<store>: attribute <name>: what is wrong``."""
+    return UserError(f"{url}: attribute {name}: {what}")
+
+
+def _shown(value: object) -> str:
+    """A value read from a store, as an error message echoes it: its repr, shortened."""
+    return "nothing (missing)" if value is None else shorten(repr(value))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_arrays(group: zarr.Group) -> tuple[dict[tuple[str, str], zarr.Array], int, int]:
+    """The four arrays ``{(split, name): array}``, the pixels per image and the rows per chunk, checked against the
+    layout above; a ``ValueError`` (or whatever reading them raises) says what does not fit."""
     arrays = {(split, name): group[f"{split}/{name}"] for split in SPLITS for name in ("images", "labels")}
-    h, w = (int(v) for v in attrs["image_shape"])
-    if h < 1 or w < 1:
-        raise ValueError(f"image_shape is {h}x{w}")
-    chunk_rows = int(arrays["train", "images"].chunks[0])
     for (split, name), array in arrays.items():
         if not isinstance(array, zarr.Array):
             raise ValueError(f"{split}/{name} is not an array")
         if array.dtype != np.uint8:
             raise ValueError(f"{split}/{name} has dtype {array.dtype}, not uint8")
-        shape, chunks = (h * w,), (chunk_rows, h * w)
-        if name == "labels":
-            shape, chunks = (), (chunk_rows,)
+    first = arrays["train", "images"]
+    if first.ndim != 2:
+        raise ValueError(f"train/images has shape {first.shape}, expected (rows, pixels)")
+    n_features, chunk_rows = int(first.shape[1]), int(first.chunks[0])
+    for (split, name), array in arrays.items():
+        shape, chunks = ((n_features,), (chunk_rows, n_features)) if name == "images" else ((), (chunk_rows,))
         if array.ndim != len(chunks) or array.shape[1:] != shape or array.chunks != chunks:
             raise ValueError(
                 f"{split}/{name} has shape {array.shape} in chunks {array.chunks}, expected "
-                f"(rows, {h * w}) in chunks of {chunk_rows} rows for images of {h}x{w}"
+                f"(rows, {n_features}) in chunks of {chunk_rows} rows as train/images"
             )
     for split in SPLITS:
         if arrays[split, "labels"].shape[0] != arrays[split, "images"].shape[0]:
             raise ValueError(f"{split}: images and labels have different numbers of rows")
-    return arrays, (h, w), chunk_rows
+        if arrays[split, "images"].shape[0] == 0:
+            raise ValueError(f"{split}: holds no rows")
+    return arrays, n_features, chunk_rows
 
 
-def _checksums_of(attrs: dict[str, Any], info: StoreInfo) -> dict[str, dict[str, tuple[int, ...]]]:
-    """The validated ``chunk_crc32`` attribute: one sum per chunk of each array; ``{}`` when the store has none."""
-    raw = attrs.get(CHECKSUM_ATTR)
-    if raw is None:
-        return {}
-    out: dict[str, dict[str, tuple[int, ...]]] = {}
+def _label_max(checked: _Attributes, arrays: dict[tuple[str, str], zarr.Array]) -> int:
+    """The largest label of the store: from ``label_max`` when the store records it, else read from the labels
+    (stores ingested before it existed: one byte per row, 70 kB for MNIST, read once on the client)."""
+    if LABEL_MAX_ATTR in checked.attrs:
+        return max(checked.label_max().values())
+    top = 0
     for split in SPLITS:
-        n = info.n_chunks(split)
-        per_split = raw.get(split) if isinstance(raw, dict) else None
-        out[split] = {}
-        for name in ("images", "labels"):
-            sums = per_split.get(name) if isinstance(per_split, dict) else None
-            if (
-                not isinstance(sums, list)
-                or len(sums) != n
-                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in sums)
-            ):
-                raise ValueError(f"attribute {CHECKSUM_ATTR}.{split}.{name} must be a list of {n} CRC-32 values")
-            out[split][name] = tuple(sums)
-    return out
+        try:
+            top = max(top, int(arrays[split, "labels"][:].max()))
+        except Exception as exc:
+            raise StoreError(f"{checked.url}: {split}/labels: cannot read: {one_line(exc, with_type=True)}") from None
+    return top
+
+
+@dataclass(frozen=True)
+class _Attributes:
+    """The group attributes of a store being opened, each checked against what the arrays say."""
+
+    url: str
+    attrs: dict[str, Any]
+
+    def fail(self, name: str, what: str) -> UserError:
+        return attribute_error(self.url, name, what)
+
+    def equal_int(self, name: str, actual: int, what: str) -> int:
+        value = self.attrs.get(name)
+        if not _is_int(value) or value != actual:
+            raise self.fail(name, f"is {_shown(value)}, but {what} say {actual}")
+        return actual
+
+    def image_shape(self, n_features: int) -> tuple[int, int]:
+        value = self.attrs.get("image_shape")
+        if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v) and v >= 1 for v in value):
+            raise self.fail("image_shape", f"must be [H, W] of two positive integers, got {_shown(value)}")
+        h, w = value
+        if h * w != n_features:
+            raise self.fail("image_shape", f"{h}x{w} does not match the {n_features} pixels per row of the images")
+        return h, w
+
+    def label_max(self) -> dict[str, int]:
+        value = self.attrs.get(LABEL_MAX_ATTR)
+        if (
+            not isinstance(value, dict)
+            or set(value) != set(SPLITS)
+            or not all(_is_int(v) and 0 <= v <= MAX_CLASSES - 1 for v in value.values())
+        ):
+            raise self.fail(
+                LABEL_MAX_ATTR, f"must be {{train: L, test: L}} of labels in 0..{MAX_CLASSES - 1}, got {_shown(value)}"
+            )
+        return value
+
+    def n_classes(self, label_max: int) -> int:
+        value = self.attrs.get("n_classes")
+        if not _is_int(value) or not 1 <= value <= MAX_CLASSES:
+            raise self.fail("n_classes", f"must be an integer in 1..{MAX_CLASSES} (uint8 labels), got {_shown(value)}")
+        if value <= label_max:
+            raise self.fail("n_classes", f"is {value}, but the store holds label {label_max}")
+        return value
+
+    def md5(self) -> dict[str, str]:
+        value = self.attrs.get("md5")
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _HEX32.fullmatch(v) for k, v in value.items()
+        ):
+            raise self.fail("md5", f"must map file names to md5 sums (32 hex digits), got {_shown(value)}")
+        return dict(value)
+
+    def text(self, name: str) -> str:
+        value = self.attrs.get(name)
+        if not isinstance(value, str):
+            raise self.fail(name, f"must be a string, got {_shown(value)}")
+        return value
+
+    def hex_id(self, name: str) -> str:
+        value = self.attrs.get(name)
+        if not isinstance(value, str) or not _HEX32.fullmatch(value):
+            raise self.fail(name, f"must be 32 hex digits, got {_shown(value)}")
+        return value
+
+    def class_names(self, n_classes: int) -> tuple[str, ...] | None:
+        value = self.attrs.get(CLASS_NAMES_ATTR)
+        if value is not None and not valid_class_names(value, n_classes):
+            raise self.fail(CLASS_NAMES_ATTR, f"must be a list of {n_classes} short names, got {_shown(value)}")
+        return tuple(value) if value is not None else None
+
+    def augmented_from(self) -> dict[str, Any] | None:
+        value = self.attrs.get("augmented_from")
+        if value is not None and not isinstance(value, dict):
+            raise self.fail("augmented_from", f"must be a mapping, got {_shown(value)}")
+        return dict(value) if value is not None else None
+
+    def checksums(self, info: StoreInfo) -> dict[str, dict[str, tuple[int, ...]]]:
+        """The validated ``chunk_crc32`` attribute: one sum per chunk of each array; ``{}`` when the store has none."""
+        raw = self.attrs.get(CHECKSUM_ATTR)
+        if raw is None:
+            return {}
+        out: dict[str, dict[str, tuple[int, ...]]] = {}
+        for split in SPLITS:
+            n = info.n_chunks(split)
+            per_split = raw.get(split) if isinstance(raw, dict) else None
+            out[split] = {}
+            for name in ("images", "labels"):
+                sums = per_split.get(name) if isinstance(per_split, dict) else None
+                if not isinstance(sums, list) or len(sums) != n or not all(_is_int(v) and 0 <= v < 2**32 for v in sums):
+                    raise self.fail(CHECKSUM_ATTR, f"{split}.{name} must be a list of {n} CRC-32 values")
+                out[split][name] = tuple(sums)
+        return out
 
 
 def chunk_checksum(block: np.ndarray) -> int:
@@ -327,6 +448,12 @@ def _read_verified(info: StoreInfo, split: str, index: int) -> tuple[np.ndarray,
         raise
     except Exception as exc:  # unreadable: permissions, a chunk that does not decode, a store gone, a network error
         raise StoreError(f"{_chunk_where(info, split, index)}: cannot read: {one_line(exc, with_type=True)}") from None
+    top = int(labels.max())
+    if top >= info.n_classes:  # would index past every per-class table (label maps, contingency)
+        raise StoreError(
+            f"{_chunk_where(info, split, index)}: holds label {top}, but the store says n_classes is {info.n_classes}; "
+            "the store was changed after it was written: rebuild it (mnist-kmeans ingest --force, or augment again)"
+        )
     return images, labels
 
 
