@@ -359,3 +359,11 @@ def test_ingest_writes_every_chunk_and_its_checksum_even_all_zero(tmp_path: Path
     sums = zarr.open_group(store, mode="r").attrs[CHECKSUM_ATTR]
     assert sums["train"]["images"][0] == chunk_checksum(np.zeros((64, 16), np.uint8))
     assert list(info.checksums["test"]["labels"]) == [chunk_checksum(data.test_labels)]
+
+
+def test_a_one_class_data_set_is_said_in_the_singular(tmp_path: Path) -> None:
+    """The summary line says "1 class", not "1 classes"."""
+    data = write_idx_dataset(tmp_path / "idx", n_train=20, n_test=5, n_classes=1)
+    proc = run_cli("ingest", "--source", str(data.directory), "--store", str(tmp_path / "s.zarr"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 class," in proc.stderr and "1 classes" not in proc.stderr, proc.stderr

@@ -44,7 +44,7 @@ from mnist_kmeans.data.store import (
     is_complete,
     open_store,
 )
-from mnist_kmeans.errors import Log, UserError
+from mnist_kmeans.errors import Log, UserError, count
 
 # A chunk is what a worker decodes and then holds as float32 (4x its bytes): 1 GiB of uint8 is far beyond any sane
 # choice, and stays below Blosc's 2 GiB limit per buffer.
@@ -137,7 +137,7 @@ def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: L
     h, w = info.image_shape
     log(
         f"ingest: wrote {store}: {info.n_train} training and {info.n_test} test images of {h}x{w}, "
-        f"{info.n_classes} classes, chunks of {info.chunk_rows} rows"
+        f"{count(info.n_classes, 'class')}, chunks of {info.chunk_rows} rows"
     )
     return info
 
