@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mnist_kmeans.config import DEFAULT_SOURCE, DEFAULT_STORE
+from mnist_kmeans.config import default_source, default_store
 from mnist_kmeans.errors import ClusterError, UserError, one_line, to_stderr
 
 EXIT_OK, EXIT_USER, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -24,10 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ing = sub.add_parser("ingest", help="IDX files -> chunked Zarr store")
-    ing.add_argument(
-        "--source", default=DEFAULT_SOURCE, help=f"directory or http(s) base URL (default {DEFAULT_SOURCE})"
-    )
-    ing.add_argument("--store", default=DEFAULT_STORE, help=f"store path or URL (default {DEFAULT_STORE})")
+    ing.add_argument("--source", default=None, help=f"directory or http(s) base URL (default {default_source()})")
+    ing.add_argument("--store", default=None, help=f"store path or URL (default {default_store()})")
     ing.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk (default 10000)")
     ing.add_argument("--force", action="store_true", help="rebuild a complete store")
     ing.add_argument(
@@ -61,10 +59,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mnist_kmeans.config import refuse_memory_store
         from mnist_kmeans.data.ingest import ingest
 
-        refuse_memory_store(args.store)
-        ingest(
-            args.source, args.store, chunk_rows=args.chunk_rows, force=args.force, log=to_stderr, classes=args.classes
-        )
+        source, store = args.source or default_source(), args.store or default_store()
+        refuse_memory_store(store)
+        ingest(source, store, chunk_rows=args.chunk_rows, force=args.force, log=to_stderr, classes=args.classes)
     elif args.command == "run":
         from mnist_kmeans.config import load_cluster, load_job
 

@@ -23,8 +23,14 @@ def data_home() -> Path:
     return Path(os.environ.get("MNIST_KMEANS_DATA") or Path(__file__).resolve().parent.parent / "data")
 
 
-DEFAULT_STORE = str(data_home() / "mnist.zarr")
-DEFAULT_SOURCE = str(data_home() / "mnist")
+def default_store() -> str:
+    """The default store: ``mnist.zarr`` in the :func:`data_home`."""
+    return str(data_home() / "mnist.zarr")
+
+
+def default_source() -> str:
+    """The default source: ``mnist/`` in the :func:`data_home`, the vendored MNIST files."""
+    return str(data_home() / "mnist")
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class JobConfig:
 
     name: str
     k_grid: tuple[int, ...]
-    store: str = DEFAULT_STORE
+    store: str = field(default_factory=default_store)
     epochs: int = 1
     batch_size: int = 1024
     n_init: int | str = "auto"
@@ -235,7 +241,7 @@ def _job_store(store: str | None, base: Path) -> str:
     """A job file's ``store:``: a URL as given, a path made absolute from the job file's directory; left out or empty,
     the default store (not a store named None)."""
     if store is None:
-        return DEFAULT_STORE
+        return default_store()
     return store if "://" in store else os.path.abspath(base / os.path.expanduser(store))
 
 

@@ -33,10 +33,10 @@ from mnist_kmeans import __version__
 from mnist_kmeans.checkpoint import Checkpoint, CheckpointLayout
 from mnist_kmeans.claim import RunDirClaim, claim_run_dir
 from mnist_kmeans.config import (
-    DEFAULT_SOURCE,
-    DEFAULT_STORE,
     ClusterConfig,
     JobConfig,
+    default_source,
+    default_store,
     load_cluster,
     load_job,
     local_path_option,
@@ -181,7 +181,7 @@ def _to_ingest(url: str) -> bool:
     """Whether ``url`` is the default store (however spelled) and must be ingested first: missing, or unfinished
     (``complete: false``). Any other store must be there and complete, or the job would silently run on other data
     than it names (``open_store``'s error says how to make it); docs/contract.md, "run"."""
-    if local_path(url) != local_path(DEFAULT_STORE):
+    if local_path(url) != local_path(default_store()):
         return False
     attrs = read_attrs(url)
     return attrs is None or (attrs.get("format") == FORMAT and attrs.get("complete") is False)
@@ -209,8 +209,9 @@ def ensure_store(url: str, log: Log) -> tuple[StoreInfo, float]:
         from mnist_kmeans.data.ingest import ingest
 
         # ingest's own progress lines are held back until it succeeds; an error stays one line
-        ingest(DEFAULT_SOURCE, url, log=log)
-        log(f"ingested {DEFAULT_SOURCE}/ into {url} (there was no complete store)")
+        source = default_source()
+        ingest(source, url, log=log)
+        log(f"ingested {source}/ into {url} (there was no complete store)")
     return open_store(url), time.perf_counter() - t0
 
 

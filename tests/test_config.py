@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from mnist_kmeans.config import (
-    DEFAULT_STORE,
     ClusterConfig,
     JobConfig,
     LocalClusterConfig,
+    default_store,
     load_cluster,
     load_job,
     with_overrides,
@@ -45,7 +45,7 @@ def test_job_defaults(tmp_path: Path) -> None:
     job = load_job(write(tmp_path, MINIMAL))
     assert job == JobConfig(name="j", k_grid=(3, 6), centroid_grids=(3,))
     assert (job.store, job.epochs, job.batch_size, job.n_init, job.lloyd_steps, job.screen_rows, job.seed) == (
-        DEFAULT_STORE,
+        default_store(),
         JobConfig.epochs,
         JobConfig.batch_size,
         "auto",
@@ -192,7 +192,7 @@ def test_store_null_is_not_a_store_named_none(tmp_path: Path) -> None:
     except UserError as exc:
         assert "store" in str(exc) and str(path) in str(exc)
     else:
-        assert job.store == DEFAULT_STORE
+        assert job.store == default_store()
 
 
 # --- cluster files ----------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_a_store_with_malformed_class_names_is_refused(named_run: tuple[Path, Pa
     store = copy_store(str(named_run[0]), tmp_path / "copy.zarr")
     group = zarr.open_group(store, mode="r+", use_consolidated=False)
     group.attrs["class_names"] = ["only one"]
-    with pytest.raises(Exception, match="attribute class_names must be a list of 3 short names"):
+    with pytest.raises(Exception, match="attribute class_names: must be a list of 3 short names"):
         open_store(store)
 
 

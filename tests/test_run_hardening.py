@@ -203,8 +203,8 @@ def test_report_of_a_run_cut_short_before_its_results_exits_2(tmp_path: Path) ->
 
 def test_the_default_store_and_source_do_not_depend_on_the_working_directory() -> None:
     """Without ``MNIST_KMEANS_DATA``, the checkout's ``data/`` (what `run <repo>/jobs/smoke.yaml` needs elsewhere)."""
-    code = "from mnist_kmeans.config import load_job, DEFAULT_SOURCE; import sys; j = load_job(sys.argv[1]); "
-    code += "print(j.store); print(DEFAULT_SOURCE)"
+    code = "from mnist_kmeans.config import load_job, default_source; import sys; j = load_job(sys.argv[1]); "
+    code += "print(j.store); print(default_source())"
     env = {k: v for k, v in os.environ.items() if k != "MNIST_KMEANS_DATA"}
     proc = subprocess.run(
         [sys.executable, "-c", code, str(REPO_ROOT / "jobs" / "smoke.yaml")],

@@ -190,9 +190,10 @@ def test_a_named_unfinished_or_untrusted_store_is_not_rebuilt(
 def test_the_default_store_is_ingested_on_demand_only_when_missing_or_unfinished(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``data/mnist.zarr`` (relative to the working directory) is made from ``data/mnist`` when missing or
+    """The default store ``<data home>/mnist.zarr`` is made from ``<data home>/mnist`` when missing or
     ``complete: false``; with a ``complete`` that is neither, it is refused and left as it is."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNIST_KMEANS_DATA", str(tmp_path / "data"))
     data = write_idx_dataset(tmp_path / "data" / "mnist", n_train=60, n_test=20, h=4, w=4)
     too_big = {**JOB, "k_grid": [500]}  # refused once the store is open: no cluster needed to see the ingest
     argv = run_argv(tmp_path, None, job=too_big)
