@@ -601,6 +601,10 @@ def _raise_cluster_or_data_error(exc: Exception, run: JobRun, client: Client | N
         # e.g. dask-performance.html on a full disk; nothing written so far is passed off as complete
         raise UserError(f"{exc.filename or run.run_dir}: cannot write: {exc.strerror or exc}") from None
     lost = lost_cluster(exc, client)
+    if lost is not None and lost.fix is not None:  # the same cluster would fail the same way: say what to change
+        raise ClusterError(
+            f"{lost}; {lost.fix}, then continue with: {run.resume_command()} (finished epochs are saved)"
+        ) from None
     if lost is not None:
         raise ClusterError(
             f"{lost}; finished epochs are saved in {run.run_dir}, continue on any cluster with: {run.resume_command()}"
