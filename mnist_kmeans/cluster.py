@@ -249,7 +249,7 @@ class _DropReconnectNoise(logging.Filter):
 
 def _local(local: LocalClusterConfig, patience: float) -> Iterator[tuple[Client, ClusterInfo]]:
     """The embedded LocalCluster of ``local``, with its client (see :func:`connect`)."""
-    with _interrupt_deferred() as interrupted:
+    with interrupts_deferred() as interrupted:
         try:
             cluster = _start_local(local)
         except ClusterError:
@@ -303,7 +303,7 @@ def dask_setup(worker: Any) -> None:
 
 
 @contextmanager
-def _interrupt_deferred() -> Iterator[list[int]]:
+def interrupts_deferred() -> Iterator[list[int]]:
     """Ctrl-C within the block is noted in the list yielded, not raised: the caller raises it once the block is done.
 
     Only where Python raises KeyboardInterrupt for SIGINT (not where it is ignored, e.g. a background job)."""

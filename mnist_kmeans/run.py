@@ -236,14 +236,18 @@ def run_job(
     """Run a job file end to end and return the path of its report."""
     t_start = time.perf_counter()
     run = prepare(job_file, cluster_file, store, out, resume, argv, log or to_stderr, t_start)
-    from mnist_kmeans.cluster import connect, wait_closed  # only now: a bad job file answers without importing dask
+    # only now: a bad job file answers without importing dask
+    from mnist_kmeans.cluster import connect, interrupts_deferred, wait_closed
 
     try:
         t_connect = time.perf_counter()
         with connect(run.cluster, scheduler) as (client, cluster_info):
             cluster_start_s = time.perf_counter() - t_connect
             print(f"dashboard: {cluster_info.dashboard}", flush=True)
-            session = start_run_dir(run, client, cluster_info, cluster_start_s)
+            with interrupts_deferred() as interrupted:  # a run directory is started whole, or not at all
+                session = start_run_dir(run, client, cluster_info, cluster_start_s)
+            if interrupted:
+                raise KeyboardInterrupt(f"interrupted; continue with: {run.resume_command()}")
             final_timings, report = _results_and_reports(session)
             return report.write(final_timings)
     finally:
