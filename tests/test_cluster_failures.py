@@ -3,8 +3,8 @@ never a traceback (docs/contract.md, "Exit codes").
 
 Real processes throughout: ``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 whose memory is too small
 for the job (a worker the nanny restarts for memory, one paused at distributed's memory pause threshold), and
-``mnist-kmeans run`` on its embedded LocalCluster interrupted by SIGINT sent to its whole process group, as a
-terminal's Ctrl-C is: the cluster's worker processes get it too.
+``mnist-kmeans run`` on its embedded LocalCluster interrupted by SIGINT while the cluster starts, and sent to its
+whole process group once it runs, as a terminal's Ctrl-C is: the cluster's worker processes get it too.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def wait_for_stdout(run: LiveRun, text: str, timeout: float = 120) -> None:
 
 
 def cluster_starting(run: LiveRun) -> None:
-    """Until the run has started its first worker process: the LocalCluster is starting."""
+    """Until the run has started its first child process (multiprocessing's resource tracker, as the LocalCluster
+    makes its nannies, before their worker processes): the LocalCluster is starting."""
     import psutil
 
     deadline = time.monotonic() + 120
@@ -159,18 +160,34 @@ def cluster_starting(run: LiveRun) -> None:
         time.sleep(0.01)
 
 
+def send_sigint(run: LiveRun, group: bool) -> None:
+    if group:
+        os.killpg(run.proc.pid, signal.SIGINT)
+    else:
+        run.proc.send_signal(signal.SIGINT)
+
+
 @pytest.mark.parametrize(
-    ("moment", "wait"),
-    [("cluster starting", cluster_starting), ("dashboard shown", lambda run: wait_for_stdout(run, "dashboard:"))],
+    ("moment", "wait", "group"),
+    [
+        # `kill -INT` of the run alone while its LocalCluster starts (it used to be cut in half)
+        ("cluster starting", cluster_starting, False),
+        # a terminal's Ctrl-C, to the process group: the cluster's worker processes get it too
+        ("dashboard shown", lambda run: wait_for_stdout(run, "dashboard:"), True),
+    ],
 )
 def test_ctrl_c_exits_130_with_one_line(
-    moment: str, wait: Callable[[LiveRun], None], files: Path, kgrid_store: tuple[str, IdxDataset], tmp_path: Path
+    moment: str,
+    wait: Callable[[LiveRun], None],
+    group: bool,
+    files: Path,
+    kgrid_store: tuple[str, IdxDataset],
+    tmp_path: Path,
 ) -> None:
-    """SIGINT to the run's process group at that moment: the run and its cluster's worker processes get it."""
     run_dir = tmp_path / "run"
     run = LiveRun.start(run_args(files, kgrid_store[0], run_dir, job="long.yaml"), tmp_path / "logs" / "run")
     wait(run)
-    os.killpg(run.proc.pid, signal.SIGINT)
+    send_sigint(run, group)
     returncode, _, stderr = run.finish(timeout=60)
     assert returncode == 130, f"{moment}: exit {returncode}\n{stderr}"
     assert one_line(stderr).startswith("interrupted"), stderr
