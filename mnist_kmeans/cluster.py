@@ -146,8 +146,9 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
 
     ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler``. A scheduler that does not answer within
     ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError` naming the address.
-    After a block that ended without an error, the embedded cluster closes in a background thread: call
-    :func:`wait_closed` before the process ends.
+    While the block runs, a :class:`_Watch` closes the client once no worker has been able to take tasks for
+    ``cfg.connect_timeout`` seconds (see :func:`lost_cluster`). After a block that ended without an error, the
+    embedded cluster closes in a background thread: call :func:`wait_closed` before the process ends.
     """
     address = scheduler or cfg.scheduler
     if address is None:
