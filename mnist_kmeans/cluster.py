@@ -9,6 +9,17 @@ Loss: a client that loses its scheduler tries to reconnect for ``connect_timeout
 future it waits on fails, and ``run`` turns that into exit 3 with the ``--resume`` command. Distributed's own log
 records in this process are kept to errors, and its "Failed to reconnect ..." is dropped, so that the error stays
 one line.
+
+Workers that cannot run the job: while the block of :func:`connect` runs, a thread watches the scheduler's workers.
+When none of them can take a task (all paused at the memory pause threshold, or, on the embedded cluster or after
+memory restarts, none there at all) for ``connect_timeout`` seconds, it closes the client, so that every wait on the
+cluster fails at once instead of forever; :func:`lost_cluster` then says why. Tasks that died with workers which
+exceeded their memory limit (the nanny's ``worker-restart-memory`` events) are said to be that, with what to raise.
+
+Ctrl-C: the embedded cluster's start is not cut in half (a half-started ``LocalCluster`` fails distributed's atexit
+handlers with tracebacks): an interrupt then is raised once it has started, and closes it. Its worker processes
+ignore SIGINT (a terminal sends it to them too; ``run`` closes them), and what they write to stderr goes to
+``/dev/null``: this process's stderr carries ``run``'s lines only.
 """
 
 from __future__ import annotations
@@ -16,33 +27,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
 from mnist_kmeans.config import ClusterConfig, LocalClusterConfig
-from mnist_kmeans.errors import ClusterError, one_line
+from mnist_kmeans.errors import ClusterError, one_line, shorten, to_stderr
 
 _closing: list[threading.Thread] = []  # embedded clusters closing in the background (see connect)
+_watches: list[_Watch] = []  # one per open connect block
+WATCH_PERIOD = 1.0  # seconds between two looks at the scheduler's workers
+MEMORY_EVENTS = "worker-restart-memory"  # the topic of a nanny's "exceeded 95% memory budget. Restarting"
 
 
-def lost_cluster(exc: BaseException, client: Client | None = None) -> str | None:
+@dataclass(frozen=True)
+class Lost:
+    """How the cluster was lost (``str()``), and ``fix``: what to change first when the same cluster would fail the
+    same way again (None: resuming on any cluster helps)."""
+
+    how: str
+    fix: str | None = None
+
+    def __str__(self) -> str:
+        return self.how
+
+
+def lost_cluster(exc: BaseException, client: Client | None = None) -> Lost | None:
     """How the cluster was lost, if ``exc`` (raised while waiting on futures) means it was; else None.
 
-    Lost: the client lost its scheduler (whatever surfaced first), a task outlived the workers that died under it
-    (``KilledWorker``), a comm failed or timed out, or the futures were cancelled under us.
+    Lost: the watch of :func:`connect` found no worker able to run tasks (its verdict comes first: it closed the
+    client), the client lost its scheduler (whatever surfaced first), a task outlived the workers that died under it
+    (``KilledWorker``; said to be memory when their nannies restarted them for it), a comm failed or timed out, or
+    the futures were cancelled under us.
     """
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
+    watch = _watch_of(client)
+    if watch is not None and watch.verdict is not None:
+        return watch.verdict
     if client is not None and getattr(client, "status", "running") not in ("running", "connecting"):
-        return f"lost the scheduler ({one_line(exc, with_type=True, limit=200)})"
+        return Lost(f"lost the scheduler ({one_line(exc, with_type=True, limit=200)})")
+    if isinstance(exc, KilledWorker) and watch is not None and watch.memory_restarts():
+        return watch.out_of_memory()
     if isinstance(exc, (KilledWorker, FutureCancelledError, OSError, TimeoutError)):  # CommClosedError is an OSError
-        return f"lost the cluster ({one_line(exc, with_type=True, limit=200)})"
+        return Lost(f"lost the cluster ({one_line(exc, with_type=True, limit=200)})")
+    return None
+
+
+def _watch_of(client: Client | None) -> _Watch | None:
+    """The watch of ``client``'s connect block (with None: of the one open block, as augment has)."""
+    for watch in _watches:
+        if client is None or watch.client is client:
+            return watch
     return None
 
 
@@ -100,20 +146,21 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
 
     ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler``. A scheduler that does not answer within
     ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError` naming the address.
-    After a block that ended without an error, the embedded cluster closes in a background thread: call
-    :func:`wait_closed` before the process ends.
+    While the block runs, a :class:`_Watch` closes the client once no worker has been able to take tasks for
+    ``cfg.connect_timeout`` seconds (see :func:`lost_cluster`). After a block that ended without an error, the
+    embedded cluster closes in a background thread: call :func:`wait_closed` before the process ends.
     """
     address = scheduler or cfg.scheduler
     if address is None:
-        yield from _embedded(cfg.local)
+        yield from _embedded(cfg.local, cfg.connect_timeout)
     else:
         yield from _remote(cfg, address)
 
 
-def _embedded(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
+def _embedded(local: LocalClusterConfig, patience: float) -> Iterator[tuple[Client, ClusterInfo]]:
     """The embedded cluster (see :func:`connect`); worker threads in this process get one BLAS thread each."""
     if local.processes:
-        yield from _local(local)
+        yield from _local(local, patience)
         return
     # One BLAS thread per worker thread, as the nanny gives every worker process. Several would also split a
     # product differently from call to call, and round it differently: results that must not change would change
@@ -122,7 +169,7 @@ def _embedded(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]
 
     blas = threadpool_limits(limits=1)
     try:
-        yield from _local(local)
+        yield from _local(local, patience)
     finally:
         blas.restore_original_limits()
 
@@ -135,12 +182,28 @@ def _remote(cfg: ClusterConfig, address: str) -> Iterator[tuple[Client, ClusterI
             try:
                 client.wait_for_workers(1, timeout=cfg.connect_timeout)
             except Exception:
-                raise ClusterError(f"{address}: the scheduler has no worker after {cfg.connect_timeout:g} s") from None
-            yield client, describe(client, embedded=False)
+                why = _Watch(client, cfg.connect_timeout, _remote_memory(client)).why_no_worker()
+                raise ClusterError(
+                    f"{address}: the scheduler has no worker able to run tasks after {cfg.connect_timeout:g} s{why}"
+                ) from None
+            with _watched(client, cfg.connect_timeout, _remote_memory(client)):
+                yield client, describe(client, embedded=False)
         finally:
             # a client whose scheduler is gone may fail to close cleanly: nothing is left to release
             with contextlib.suppress(Exception):
                 client.close(timeout=cfg.connect_timeout)
+
+
+def _remote_memory(client: Client) -> _Memory:
+    """The memory limits of a remote scheduler's workers, as the scheduler reports them."""
+    from dask.utils import format_bytes
+
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except Exception:  # a scheduler gone already: the error is said elsewhere
+        workers = []
+    limits = sorted({format_bytes(w["memory_limit"]) for w in workers if w.get("memory_limit")})
+    return _Memory(", ".join(limits) or "their --memory-limit", "give the workers more memory (--memory-limit)")
 
 
 def _join(cfg: ClusterConfig, address: str) -> Client:
@@ -185,55 +248,20 @@ class _DropReconnectNoise(logging.Filter):
         return not (cancelled or str(record.msg).startswith("Failed to reconnect"))
 
 
-@contextmanager
-def _workers_ignore_ctrl_c() -> Iterator[None]:
-    """Worker processes started in this block ignore SIGINT, for good: a terminal's Ctrl-C reaches every process of
-    its group, and each worker would print its KeyboardInterrupt traceback; only ``run`` answers it, and closes them.
-
-    They are forked by multiprocessing's fork server (``distributed.worker.multiprocessing-method``), started with
-    SIGINT ignored, a disposition every process it forks keeps (a nanny's restarts too). Its preload makes each
-    worker start with distributed and NumPy imported.
-    """
-    import multiprocessing
-    import multiprocessing.forkserver
-    import signal
-
-    import dask
-
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        if threading.current_thread() is threading.main_thread():
-            multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", "numpy"])
-            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # for the milliseconds of one fork and exec
-            try:
-                multiprocessing.forkserver.ensure_running()
-            finally:
-                signal.signal(signal.SIGINT, handler)
-        yield
-
-
-def _local(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
+def _local(local: LocalClusterConfig, patience: float) -> Iterator[tuple[Client, ClusterInfo]]:
     """The embedded LocalCluster of ``local``, with its client (see :func:`connect`)."""
-    cluster = None
+    with interrupts_deferred() as interrupted:
+        try:
+            cluster = _start_local(local)
+        except ClusterError:
+            if interrupted:  # workers that took the same Ctrl-C (from a terminal) and died starting
+                raise KeyboardInterrupt from None
+            raise
     try:
-        with _workers_ignore_ctrl_c():
-            cluster = LocalCluster(
-                # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
-                # assumed). Threads (processes: false) talk in-process and take no host.
-                host="127.0.0.1" if local.processes else None,
-                **asdict(local),  # n_workers, threads_per_worker, memory_limit, dashboard_address, processes
-                # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
-                # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
-                silence_logs=logging.CRITICAL,
-            )
-    except KeyboardInterrupt:  # pressed while it started, raised as the handler came back
-        if cluster is not None:
-            cluster.close()
-        raise
-    except Exception as exc:  # a port taken, no memory for the workers, a worker that dies at start ...
-        reason = one_line(exc, with_type=True)
-        raise ClusterError(f"cannot start the local cluster of the cluster file ({reason})") from None
-    try:
-        with Client(cluster) as client:
+        if interrupted:
+            raise KeyboardInterrupt
+        memory = _Memory(shorten(local.memory_limit), "raise local.memory_limit in the cluster file")
+        with Client(cluster) as client, _watched(client, patience, memory, embedded=True):
             yield client, describe(client, embedded=True)
     except BaseException:
         cluster.close()
@@ -243,3 +271,184 @@ def _local(local: LocalClusterConfig) -> Iterator[tuple[Client, ClusterInfo]]:
     closing = threading.Thread(target=cluster.close, name="mnist-kmeans-cluster-close")
     closing.start()
     _closing.append(closing)
+
+
+def _start_local(local: LocalClusterConfig) -> LocalCluster:
+    """A started LocalCluster; what keeps it from starting is a one-line ClusterError, its warnings one line each."""
+    with warnings.catch_warnings(record=True) as caught, _children_stderr_to_devnull():
+        warnings.simplefilter("always")
+        try:
+            cluster = LocalCluster(
+                # processes: scheduler and workers listen on loopback only (distributed's default too; said, not
+                # assumed). Threads (processes: false) talk in-process and take no host.
+                host="127.0.0.1" if local.processes else None,
+                **asdict(local),  # n_workers, threads_per_worker, memory_limit, dashboard_address, processes
+                # CRITICAL, not ERROR: a task that fails (a damaged store chunk ...) is reported by `run` in one line;
+                # the workers' "Compute Failed" records and tracebacks would bury it (they share our stderr).
+                silence_logs=logging.CRITICAL,
+                # this module's dask_setup, in each worker process: SIGINT ignored
+                preload=[__name__] if local.processes else [],
+            )
+        except Exception as exc:  # a port taken, no memory for the workers, a worker that dies at start ...
+            reason = one_line(exc, with_type=True)
+            raise ClusterError(f"cannot start the local cluster of the cluster file ({reason})") from None
+    for warning in caught:  # e.g. "Port 8787 is already in use ... Hosting the HTTP server on port N instead"
+        to_stderr(f"notice: local cluster: {one_line(Exception(warning.message), limit=300)}")
+    return cluster
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload hook of the embedded cluster's worker processes: Ctrl-C reaches them from a terminal too, but it is
+    ``run``'s to handle (it closes them); a worker that took it would die with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[list[int]]:
+    """Ctrl-C within the block is noted in the list yielded, not raised: the caller raises it once the block is done.
+
+    Only where Python raises KeyboardInterrupt for SIGINT (not where it is ignored, e.g. a background job)."""
+    pressed: list[int] = []
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _children_stderr_to_devnull() -> Iterator[None]:
+    """Processes started in the block (the embedded cluster's workers, multiprocessing's resource tracker) write
+    to ``/dev/null`` instead of our stderr: their tracebacks when they are interrupted or killed, their warnings
+    about what a killed worker leaked, would follow ``run``'s one line. This process's own stderr is back after."""
+    import sys
+
+    with contextlib.suppress(Exception):  # a stderr without a file descriptor (an embedding host): leave it be
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+# --- the watch: workers that cannot run the job ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Memory:
+    """What to say of the workers' memory: their limit, and how to give them more."""
+
+    limit: str
+    fix: str
+
+
+@contextmanager
+def _watched(client: Client, patience: float, memory: _Memory, embedded: bool = False) -> Iterator[None]:
+    """A :class:`_Watch` on ``client`` for the block."""
+    watch = _Watch(client, patience, memory, embedded)
+    _watches.append(watch)
+    watch.start()
+    try:
+        yield
+    finally:
+        watch.stop()
+        _watches.remove(watch)
+
+
+class _Watch:
+    """Looks at the scheduler's workers every second from a thread; when no worker has been able to take a task for
+    ``patience`` seconds, records why in ``verdict`` and closes the client, which fails every wait on it.
+
+    Able: status ``running``. Not: ``paused`` (memory above distributed's pause threshold; without a nanny, or
+    below its terminate threshold, nothing ends that), or no worker at all, which counts only on the embedded
+    cluster (nothing else adds workers to it) or after memory restarts: a remote cluster may be scaling up.
+    """
+
+    def __init__(self, client: Client, patience: float, memory: _Memory, embedded: bool = False):
+        self.client, self.patience, self.memory, self.embedded = client, patience, memory, embedded
+        self.verdict: Lost | None = None
+        self._since = self._last_memory_event()  # restarts before this job are not its own
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mnist-kmeans-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        able_at = time.monotonic()
+        while not self._done.wait(WATCH_PERIOD):
+            try:
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            except Exception:  # the client closed or lost its scheduler: whoever waits on it fails already
+                return
+            if self._able(workers):
+                able_at = time.monotonic()
+            elif time.monotonic() - able_at >= self.patience and not self._done.is_set():
+                self.verdict = self._why(workers)
+                with contextlib.suppress(Exception):
+                    self.client.close(timeout=self.patience)
+                return
+
+    def _able(self, workers: dict[str, dict]) -> bool:
+        if any(w.get("status") == "running" for w in workers.values()):
+            return True
+        return not workers and not self.embedded and not self.memory_restarts()
+
+    def _why(self, workers: dict[str, dict]) -> Lost:
+        if self.memory_restarts():
+            return self.out_of_memory()
+        if workers:
+            return Lost(
+                f"every worker has been paused for {self.patience:g} s: its memory is above the pause threshold of "
+                f"its limit ({self.memory.limit})",
+                self.memory.fix,
+            )
+        return Lost(f"no worker left for {self.patience:g} s")
+
+    def why_no_worker(self) -> str:
+        """What keeps a scheduler's workers from registering as able, as "": none, or ": <reason>"."""
+        try:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:
+            return ""
+        if self.memory_restarts(since=0.0):
+            return f": {self.out_of_memory(since=0.0).how}; {self.memory.fix}"
+        paused = sum(w.get("status") == "paused" for w in workers.values())
+        return f": {paused} paused (memory above their pause threshold); {self.memory.fix}" if paused else ""
+
+    def out_of_memory(self, since: float | None = None) -> Lost:
+        n = self.memory_restarts(since)
+        return Lost(
+            f"workers exceeded their memory limit ({self.memory.limit}) and were restarted ({n} times)", self.memory.fix
+        )
+
+    def memory_restarts(self, since: float | None = None) -> int:
+        """How many times a nanny restarted its worker for memory since the watch began (or since ``since``)."""
+        since = self._since if since is None else since
+        return sum(t > since for t, _ in self._memory_events())
+
+    def _last_memory_event(self) -> float:
+        return max((t for t, _ in self._memory_events()), default=0.0)
+
+    def _memory_events(self) -> list[tuple[float, Any]]:
+        try:
+            return list(self.client.get_events(MEMORY_EVENTS))
+        except Exception:  # the client closed or lost its scheduler
+            return []

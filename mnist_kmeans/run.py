@@ -291,14 +291,19 @@ def run_job(
     """Run a job file end to end and return the path of its report."""
     t_start, log = time.perf_counter(), log or to_stderr
     run = prepare(job_file, cluster_file, store, out, resume, argv, log, t_start)
-    from mnist_kmeans.cluster import connect, wait_closed  # only now: a bad job file answers without importing dask
+    # only now: a bad job file answers without importing dask
+    from mnist_kmeans.cluster import connect, interrupts_deferred, wait_closed
 
     try:
         t_connect = time.perf_counter()
         with connect(run.cluster, scheduler) as (client, cluster_info):
             cluster_start_s = time.perf_counter() - t_connect
             print(f"dashboard: {cluster_info.dashboard}", flush=True)
-            session = start_run_dir(ingest_default(run, log), client, cluster_info, cluster_start_s)
+            run = ingest_default(run, log)
+            with interrupts_deferred() as interrupted:  # a run directory is started whole, or not at all
+                session = start_run_dir(run, client, cluster_info, cluster_start_s)
+            if interrupted:
+                raise KeyboardInterrupt(f"interrupted; continue with: {run.resume_command()}")
             final_timings, report = _results_and_reports(session)
             return report.write(final_timings)
     finally:
@@ -662,6 +667,10 @@ def _raise_cluster_or_data_error(exc: Exception, run: JobRun, client: Client | N
         # e.g. dask-performance.html on a full disk; nothing written so far is passed off as complete
         raise UserError(f"{exc.filename or run.run_dir}: cannot write: {exc.strerror or exc}") from None
     lost = lost_cluster(exc, client)
+    if lost is not None and lost.fix is not None:  # the same cluster would fail the same way: say what to change
+        raise ClusterError(
+            f"{lost}; {lost.fix}, then continue with: {run.resume_command()} (finished epochs are saved)"
+        ) from None
     if lost is not None:
         raise ClusterError(
             f"{lost}; finished epochs are saved in {run.run_dir}, continue on any cluster with: {run.resume_command()}"

@@ -16,7 +16,7 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
@@ -263,9 +263,9 @@ class DaskCluster:
         finally:
             log.close()
 
-    def start_scheduler(self, timeout: float = 120) -> DaskCluster:
+    def start_scheduler(self, timeout: float = 120, env: dict[str, str] | None = None) -> DaskCluster:
         """Start the scheduler on a port it chooses itself (no race for a port picked in advance) and wait for the
-        address it writes to its scheduler file."""
+        address it writes to its scheduler file; ``env``: extra environment (e.g. ``DASK_...`` settings)."""
         import json
         import time
 
@@ -285,7 +285,7 @@ class DaskCluster:
         if self.tls:
             args += ["--protocol", "tls", *self._tls_args()]
         self.scheduler_file.unlink(missing_ok=True)
-        self.scheduler = self._spawn("scheduler", args)
+        self.scheduler = self._spawn("scheduler", args, env)
         deadline = time.monotonic() + timeout
         while not self.address:
             try:
@@ -296,10 +296,13 @@ class DaskCluster:
                 time.sleep(0.05)
         return self
 
-    def add_worker(self, nanny: bool = False, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """One worker process of one thread (``nanny``: under a nanny, which restarts it when it dies)."""
+    def add_worker(
+        self, nanny: bool = False, env: dict[str, str] | None = None, extra: Sequence[str] = ()
+    ) -> subprocess.Popen:
+        """One worker process of one thread (``nanny``: under a nanny, which restarts it when it dies); ``extra``
+        arguments come last, e.g. ``["--memory-limit", "200MB"]`` overriding worker_args' 2 GiB."""
         self._n += 1
-        args = [*worker_args(self.address, self.root / f"worker{self._n}"), *self._tls_args()]
+        args = [*worker_args(self.address, self.root / f"worker{self._n}"), *self._tls_args(), *extra]
         if not nanny:
             args.append("--no-nanny")
         proc = self._spawn(f"worker{self._n}", args, env)
@@ -359,10 +362,26 @@ class LiveRun:
 
     @classmethod
     def start(cls, args: list[str], logs: Path, env: dict[str, str] | None = None) -> LiveRun:
+        """The run; it takes SIGINT as a terminal's Ctrl-C even when this process ignores it (a background shell's
+        tests: a child would inherit that, and Python would never raise KeyboardInterrupt in it)."""
+        import signal
+
         logs.parent.mkdir(parents=True, exist_ok=True)
         out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = cls._popen(args, out, err, env)
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return cls(proc, out, err)
+
+    @staticmethod
+    def _popen(args: list[str], out: Path, err: Path, env: dict[str, str] | None) -> subprocess.Popen:
         with open(out, "w") as fo, open(err, "w") as fe:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "mnist_kmeans", *args],
                 cwd=REPO_ROOT,
                 stdout=fo,
@@ -370,7 +389,6 @@ class LiveRun:
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                 start_new_session=True,
             )
-        return cls(proc, out, err)
 
     def wait_for_epoch(self, run_dir: Path, timeout: float = 240) -> dict[str, tuple[int, int]]:
         """Poll until some chain has saved an epoch; return the progress then (empty if the run ended first)."""
