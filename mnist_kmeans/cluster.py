@@ -214,14 +214,38 @@ def _join(cfg: ClusterConfig, address: str) -> Client:
             "set tls (ca_file, cert, key) in the cluster file"
         )
     try:
+        _handshake(cfg, address)
         return Client(address, timeout=cfg.connect_timeout, security=security_of(cfg))
-    except Exception as exc:  # OSError, TimeoutError, a TLS handshake refused, a malformed address ...
+    except TimeoutError:
+        raise ClusterError(
+            f"{address}: no answer as a Dask scheduler within {cfg.connect_timeout:g} s (something else holds that "
+            "port, or the scheduler is stuck)"
+        ) from None
+    except Exception as exc:  # OSError, a TLS handshake refused, a malformed address ...
         reason = one_line(exc, with_type=True)
         if "SSL" in reason or "certificate" in reason.lower():
             raise ClusterError(
                 f"{address}: TLS handshake refused ({reason}); check tls ca_file, cert and key in the cluster file"
             ) from None
         raise ClusterError(f"{address}: scheduler not reachable within {cfg.connect_timeout:g} s ({reason})") from None
+
+
+def _handshake(cfg: ClusterConfig, address: str) -> None:
+    """Open and close one comm to ``address`` within ``connect_timeout`` (TimeoutError if not): ``Client`` waits for
+    the scheduler's handshake without a limit, so a port held by another program would hang ``run`` for ever."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect as open_comm
+
+    args = (security_of(cfg) or Security()).get_connection_args("client")
+
+    async def probe() -> None:
+        comm = await asyncio.wait_for(open_comm(address, timeout=cfg.connect_timeout, **args), cfg.connect_timeout)
+        await comm.close()
+
+    with ThreadPoolExecutor(1) as pool:  # an event loop of its own: the caller may be running one (a notebook)
+        pool.submit(asyncio.run, probe()).result()
 
 
 @contextmanager

@@ -192,3 +192,22 @@ def test_ctrl_c_exits_130_with_one_line(
     assert returncode == 130, f"{moment}: exit {returncode}\n{stderr}"
     assert one_line(stderr).startswith("interrupted"), stderr
     assert_nothing_finished(run_dir)
+
+
+def test_a_port_held_by_another_program_is_exit_3_not_a_hang(
+    files: Path, kgrid_store: tuple[str, IdxDataset], tmp_path: Path
+) -> None:
+    """Something accepts connections there but never speaks Dask: distributed's client would wait for its handshake
+    for ever; `run` gives up after connect_timeout."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        t0 = time.monotonic()
+        proc = run_cli(*run_args(files, kgrid_store[0], tmp_path / "run", "--scheduler", address), timeout=60)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 3 and len(lines) == 1, proc.stderr
+    assert address in lines[0] and "no answer as a Dask scheduler" in lines[0]
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "run").exists()
