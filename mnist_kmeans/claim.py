@@ -1,9 +1,11 @@
-"""Exclusive claims: one process at a time writes a run directory (docs/contract.md, "Run directory").
+"""Exclusive claims: one process at a time writes a run directory (docs/contract.md, "Run directory") or builds a
+store (``data/staging.py``).
 
-A claim is an ``fcntl.flock`` on a lock file, taken before anything is written and held until the writer ends. The
-kernel drops it when its process ends, even by SIGKILL, so a claim never outlives its writer and a later run can
-take it again without any clean-up. The lock file stays: removing it would let a second process lock a file that
-a third no longer sees.
+A claim is an ``fcntl.flock`` on a lock file, taken without waiting before anything is written and held until the
+writer is done; a second writer gets a UserError and has changed nothing. The kernel drops the lock when its process
+dies, even by SIGKILL, so a lock file left behind blocks nobody. The holder removes the file while it still holds the
+lock; a writer that opened the old file meanwhile sees that it is gone (:func:`lock_file`) and locks a new one, so no
+two writers ever hold locks on files of one name.
 """
 
 from __future__ import annotations
@@ -16,38 +18,35 @@ from pathlib import Path
 
 from mnist_kmeans.errors import UserError
 
-RUN_LOCK = ".lock"  # in the run directory; held by the process that writes it
+RUN_LOCK = ".lock"  # in the run directory, while a process writes it
 
 
-@dataclass
-class Lock:
-    """An ``flock`` held on ``path`` through the open descriptor ``fd``; ``created``: this claim made the file."""
+def lock_file(path: Path) -> int:
+    """An open descriptor of ``path`` (created if need be) holding its exclusive ``flock``.
 
-    path: Path
-    fd: int
-    created: bool
-
-    def release(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
-def take_lock(path: Path, busy: str) -> Lock:
-    """Create (or open) ``path`` and lock it exclusively; a lock held elsewhere is a UserError saying ``busy``."""
-    created = True
-    try:
+    Raises ``BlockingIOError`` when another process holds it, ``OSError`` when the file cannot be made.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except FileExistsError:
-            created, fd = False, os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UserError(f"{path.parent}: cannot write there: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            on_disk, held = os.stat(path), os.fstat(fd)
+            if (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the previous holder removed this file on its way out: lock the new one
+
+
+def unlock_file(path: Path, fd: int) -> None:
+    """Remove the lock file, then drop its lock (in this order: see the module docstring)."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
         os.close(fd)
-        raise UserError(f"{path.parent}: {busy}") from None
-    return Lock(path, fd, created)
 
 
 @dataclass
@@ -55,21 +54,14 @@ class RunDirClaim:
     """The run directory of this process: locked, and empty but for the lock when a new run claimed it."""
 
     run_dir: Path
-    lock: Lock
+    fd: int
     made: list[Path] = field(default_factory=list)  # directories this claim created, the deepest first
 
     def release(self) -> None:
-        """Release the claim. A run directory that holds nothing but the lock (the run never started writing) is
-        removed again, with the directories made for it: a run that did not start leaves nothing behind."""
-        try:
-            if self.lock.created and [p.name for p in self.run_dir.iterdir()] == [RUN_LOCK]:
-                self.lock.path.unlink()
-                for directory in self.made:
-                    directory.rmdir()
-        except OSError:
-            pass  # something else appeared there meanwhile: leave it all
-        finally:
-            self.lock.release()
+        """Release the claim. A run directory this claim made that holds nothing else (the run never started
+        writing) is removed again, with its parents made for it: a run that did not start leaves nothing behind."""
+        unlock_file(self.run_dir / RUN_LOCK, self.fd)
+        _remove_empty(self.made)
 
 
 def claim_run_dir(run_dir: Path, resuming: bool) -> RunDirClaim:
@@ -81,11 +73,13 @@ def claim_run_dir(run_dir: Path, resuming: bool) -> RunDirClaim:
     """
     made = [] if resuming else _make_dirs(run_dir)
     try:
-        lock = take_lock(run_dir / RUN_LOCK, "another mnist-kmeans run is writing this run directory")
-    except UserError:
-        _remove_dirs(made)
-        raise
-    claim = RunDirClaim(run_dir, lock, made)
+        fd = lock_file(run_dir / RUN_LOCK)
+    except OSError as exc:
+        _remove_empty(made)
+        if isinstance(exc, BlockingIOError):
+            raise UserError(f"{run_dir}: another mnist-kmeans run is writing this run directory") from None
+        raise UserError(f"{run_dir}: cannot write there: {exc.strerror or exc}") from None
+    claim = RunDirClaim(run_dir, fd, made)
     if not resuming and any(p.name != RUN_LOCK for p in run_dir.iterdir()):
         claim.release()
         raise UserError(f"{run_dir}: run directory exists and is not empty (use --resume {run_dir} to continue it)")
@@ -102,7 +96,8 @@ def _make_dirs(run_dir: Path) -> list[Path]:
     return missing
 
 
-def _remove_dirs(made: list[Path]) -> None:
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove each directory in turn while it is empty (``rmdir`` refuses the others)."""
     with contextlib.suppress(OSError):
-        for directory in made:
+        for directory in directories:
             directory.rmdir()

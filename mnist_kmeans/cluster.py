@@ -218,8 +218,8 @@ def _join(cfg: ClusterConfig, address: str) -> Client:
         return Client(address, timeout=cfg.connect_timeout, security=security_of(cfg))
     except TimeoutError:
         raise ClusterError(
-            f"{address}: no answer as a Dask scheduler within {cfg.connect_timeout:g} s (something else holds that "
-            "port, or the scheduler is stuck)"
+            f"{address}: no answer as a Dask scheduler within {2 * cfg.connect_timeout:g} s (something else holds "
+            "that port, or the scheduler is stuck)"
         ) from None
     except Exception as exc:  # OSError, a TLS handshake refused, a malformed address ...
         reason = one_line(exc, with_type=True)
@@ -231,7 +231,7 @@ def _join(cfg: ClusterConfig, address: str) -> Client:
 
 
 def _handshake(cfg: ClusterConfig, address: str) -> None:
-    """Open and close one comm to ``address`` within ``connect_timeout`` (TimeoutError if not): ``Client`` waits for
+    """Open and close one comm to ``address`` in bounded time (TimeoutError if not): ``Client`` waits for
     the scheduler's handshake without a limit, so a port held by another program would hang ``run`` for ever."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
@@ -241,7 +241,8 @@ def _handshake(cfg: ClusterConfig, address: str) -> None:
     args = (security_of(cfg) or Security()).get_connection_args("client")
 
     async def probe() -> None:
-        comm = await asyncio.wait_for(open_comm(address, timeout=cfg.connect_timeout, **args), cfg.connect_timeout)
+        # twice: connecting alone may take connect_timeout, and then fails as OSError (unreachable) by itself
+        comm = await asyncio.wait_for(open_comm(address, timeout=cfg.connect_timeout, **args), 2 * cfg.connect_timeout)
         await comm.close()
 
     with ThreadPoolExecutor(1) as pool:  # an event loop of its own: the caller may be running one (a notebook)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mnist_kmeans.claim import lock_file, unlock_file
 from mnist_kmeans.data.store import FORMAT, is_remote, read_attrs
 from mnist_kmeans.errors import Log, UserError
 
@@ -33,10 +34,9 @@ def local_path(store: str) -> Path | None:
 def claimed(local: Path | None, store: str) -> Iterator[None]:
     """Hold the store for one writer (ingest or augment) from before its target is read until it is in place.
 
-    The claim is an exclusive ``flock`` on the sibling file ``<store>.lock``, taken without waiting: a second writer
-    gets a UserError and has changed nothing. The kernel drops the lock when its process dies, even by SIGKILL, so
-    a lock file left behind blocks nobody; the holder removes it when done. A remote store cannot be claimed, nor a
-    place where no lock file can be made (read-only, a file where the parent should be): nothing can be written
+    The claim (``claim.lock_file``) is an exclusive ``flock`` on the sibling file ``<store>.lock``: a second writer
+    gets a UserError and has changed nothing; the holder removes the file when done. A remote store cannot be claimed,
+    nor a place where no lock file can be made (read-only, a file where the parent should be): nothing can be written
     there either, and the write reports why.
     """
     lock = None if local is None else local.with_name(f"{local.name}.lock")
@@ -45,38 +45,21 @@ def claimed(local: Path | None, store: str) -> Iterator[None]:
         yield
     finally:
         if fd is not None:
-            # Unlink while still holding the lock: a writer that opened the old file sees that it is gone
-            # (_locked) and locks a new one, so no two writers ever hold locks on files of that name.
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
-            os.close(fd)
+            unlock_file(lock, fd)
 
 
 def _locked(lock: Path, store: str) -> int | None:
-    """An open descriptor of ``lock`` holding its exclusive ``flock``, or ``None`` when no lock file can be made;
-    a UserError when another process holds it."""
-    while True:
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if isinstance(exc, BlockingIOError):
-                raise UserError(
-                    f"{store}: another ingest or augment is writing it; run this again once that has finished"
-                ) from None
-            raise UserError(f"{lock}: cannot lock it: {exc.strerror or exc}") from None
-        try:
-            on_disk, held = os.stat(lock), os.fstat(fd)
-            if (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the previous holder removed this file on its way out: lock the new one
+    """The descriptor holding ``lock``, or ``None`` when no lock file can be made; a UserError when another process
+    holds it."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        return lock_file(lock)
+    except BlockingIOError:
+        raise UserError(
+            f"{store}: another ingest or augment is writing it; run this again once that has finished"
+        ) from None
+    except OSError:
+        return None
 
 
 def existing_store(store: str, local: Path | None) -> dict[str, Any] | None:
