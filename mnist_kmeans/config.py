@@ -84,7 +84,7 @@ class LocalClusterConfig:
     n_workers: int = 2
     threads_per_worker: int = 1
     memory_limit: str = "4GiB"
-    dashboard_address: str | None = "127.0.0.1:8787"  # None: no dashboard
+    dashboard_address: str = "127.0.0.1:8787"
     processes: bool = True
 
 
@@ -446,14 +446,12 @@ def _memory_limit(section: _Checker, default: str) -> str:
     return str(memory_limit)
 
 
-def _dashboard_address(section: _Checker, default: str) -> str | None:
-    """``local.dashboard_address``: ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (port 0: any free one), or ``null``
-    for no dashboard (LocalCluster's ``dashboard_address=None``)."""
+def _dashboard_address(section: _Checker, default: str) -> str:
+    """``local.dashboard_address``: ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (port 0: any free one). No ``null``:
+    LocalCluster's ``dashboard_address=None`` drops the dashboard's pages but still serves HTTP on port 8787."""
     value = section.data.get("dashboard_address", default)
-    if value is None:
-        return None
     if not isinstance(value, str) or _host_port(value) is None:
-        what = "must be HOST:PORT or :PORT (port 0 - 65535, IPv6 as [::1]) or null"
+        what = "must be HOST:PORT or :PORT (port 0 - 65535, IPv6 as [::1])"
         raise section.fail("dashboard_address", f"{what}, got {_shown(value)}")
     return value
 

@@ -228,6 +228,14 @@ def test_repo_cluster_file_loads() -> None:
         ),
         ("local: {memory_limit: 1073741824}\n", lambda c: c.local.memory_limit == "1073741824"),
         ("local: {n_workers: 1}\n", lambda c: c.local.n_workers == 1 and c.local.threads_per_worker == 1),
+        ("local: {memory_limit: 512MiB}\n", lambda c: c.local.memory_limit == "512MiB"),  # the floor itself
+        ("local: {memory_limit: 536870912}\n", lambda c: c.local.memory_limit == "536870912"),
+        ("local: {dashboard_address: ':8787'}\n", lambda c: c.local.dashboard_address == ":8787"),
+        ("local: {dashboard_address: '[::1]:0'}\n", lambda c: c.local.dashboard_address == "[::1]:0"),
+        ("local: {dashboard_address: 'localhost:65535'}\n", lambda c: c.local.dashboard_address == "localhost:65535"),
+        ("scheduler: tls://[::1]:8786\n", lambda c: c.scheduler == "tls://[::1]:8786"),
+        ("scheduler: tcp://node-7.example.org:1\n", lambda c: c.scheduler == "tcp://node-7.example.org:1"),
+        ("connect_timeout: 86400\n", lambda c: c.connect_timeout == 86400.0),
     ],
 )
 def test_cluster_values(tmp_path: Path, text: str, check) -> None:
@@ -261,15 +269,41 @@ BAD_CLUSTERS = [
     ("local: {threads_per_worker: 0}\n", ["local.threads_per_worker"]),
     ("local: {memory_limit: lots}\n", ["local.memory_limit"]),
     ("local: {memory_limit: true}\n", ["local.memory_limit"]),
+    ("local: {memory_limit: 1KB}\n", ["local.memory_limit", "at least 512 MiB"]),  # a worker paused forever
+    ("local: {memory_limit: -5GB}\n", ["local.memory_limit", "at least"]),  # dask's parse_bytes takes it
+    ("local: {memory_limit: 0}\n", ["local.memory_limit", "at least"]),  # 0 would mean no limit to dask
+    ("local: {memory_limit: 1000}\n", ["local.memory_limit", "at least"]),
+    ("local: {memory_limit: 256MiB}\n", ["local.memory_limit", "at least"]),
+    ("local: {memory_limit: 1e400}\n", ["local.memory_limit"]),  # parse_bytes: OverflowError
+    ("local: {memory_limit: 4.5e+9}\n", ["local.memory_limit"]),  # a YAML float, not bytes
+    ("local: {dashboard_address: garbage}\n", ["local.dashboard_address", "HOST:PORT"]),
+    ("local: {dashboard_address: 'host:99999'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: '127.0.0.1:'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: 'a b:8787'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: ':::'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: '[nope]:1'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: null}\n", ["local.dashboard_address"]),
     ("local: {processes: 'yes'}\n", ["local.processes"]),
     ("local: {dashboard_address: 8787}\n", ["local.dashboard_address"]),
     ("local: [2]\n", ["local"]),
     ("scheduler: localhost:8786\n", ["scheduler"]),
     ("scheduler: 8786\n", ["scheduler"]),
+    ("scheduler: 'tcp://:::'\n", ["scheduler", "tcp://HOST:PORT"]),
+    ("scheduler: tcp://host\n", ["scheduler"]),
+    ("scheduler: 'tcp://:8786'\n", ["scheduler"]),
+    ("scheduler: tcp://host:0\n", ["scheduler"]),
+    ("scheduler: tcp://host:99999\n", ["scheduler"]),
+    ("scheduler: tcp://host:8786/x\n", ["scheduler"]),
+    ("scheduler: inproc://10.0.0.1/1/2\n", ["scheduler"]),
+    ("scheduler: ucx://host:8786\n", ["scheduler"]),
+    ("scheduler: http://host:8786\n", ["scheduler"]),
     ("connect_timeout: 0\n", ["connect_timeout"]),
     ("connect_timeout: -3\n", ["connect_timeout"]),
     ("connect_timeout: soon\n", ["connect_timeout"]),
     ("connect_timeout: true\n", ["connect_timeout"]),
+    ("connect_timeout: .nan\n", ["connect_timeout"]),
+    ("connect_timeout: .inf\n", ["connect_timeout"]),
+    ("connect_timeout: 1e9\n", ["connect_timeout", "<= 86400"]),
     (
         "tls:\n  ca_file: missing-ca.pem\n  cert: missing.pem\n  key: missing-key.pem\n",
         ["tls.ca_file", "missing-ca.pem"],
