@@ -465,7 +465,11 @@ def _tls_section(section: _Checker, base: Path) -> TLSConfig:
         if value is None:
             raise section.fail(key, "missing (required when tls is set)")
         resolved = Path(value) if Path(value).is_absolute() else base / value
-        if not resolved.is_file():
+        try:
+            found = resolved.is_file()
+        except OSError as exc:  # a name too long for the file system: is_file raises rather than says False
+            raise section.fail(key, f"cannot check {shorten(resolved, 300)}: {exc.strerror}") from None
+        if not found:
             raise section.fail(key, f"file not found: {shorten(resolved, 300)}")
         files[key] = str(resolved)
     return TLSConfig(**files)
