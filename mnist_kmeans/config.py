@@ -370,9 +370,8 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
         or not isinstance(timeout, (int, float))
         or not 0 < timeout <= MAX_CONNECT_TIMEOUT  # also false for NaN
     ):
-        raise checker.fail(
-            "connect_timeout", f"must be a number of seconds > 0 and <= {MAX_CONNECT_TIMEOUT:g}, got {_shown(timeout)}"
-        )
+        what = f"must be a positive number of seconds, at most {MAX_CONNECT_TIMEOUT:g}"
+        raise checker.fail("connect_timeout", f"{what}, got {_shown(timeout)}")
     local = _local_section(checker.mapping("local"))
     tls = _tls_section(checker.mapping("tls"), Path(path).parent) if checker.data.get("tls") is not None else None
     return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls)

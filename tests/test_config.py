@@ -304,7 +304,7 @@ BAD_CLUSTERS = [
     ("connect_timeout: true\n", ["connect_timeout"]),
     ("connect_timeout: .nan\n", ["connect_timeout"]),
     ("connect_timeout: .inf\n", ["connect_timeout"]),
-    ("connect_timeout: 1e9\n", ["connect_timeout", "<= 86400"]),
+    ("connect_timeout: 1e9\n", ["connect_timeout", "at most 86400"]),
     (
         "tls:\n  ca_file: missing-ca.pem\n  cert: missing.pem\n  key: missing-key.pem\n",
         ["tls.ca_file", "missing-ca.pem"],
