@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mnist_kmeans.config import default_source, default_store
+from mnist_kmeans import __version__
+from mnist_kmeans.config import default_source, default_store, scheduler_address
 from mnist_kmeans.errors import ClusterError, UserError, one_line, to_stderr
 
 EXIT_OK, EXIT_USER, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -19,9 +20,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _scheduler_option(text: str) -> str:
+    """``--scheduler``: checked at the edge like the cluster file's ``scheduler``, so a typo is exit 2, not 3."""
+    try:
+        return scheduler_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mnist-kmeans", description="Mini-batch k-means over a K grid on a Dask cluster.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     ing = sub.add_parser("ingest", help="IDX files -> chunked Zarr store")
     ing.add_argument("--source", default=None, help=f"directory or http(s) base URL (default {default_source()})")
@@ -35,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the distributed K-grid job, then the report")
     run.add_argument("job", help="job file (jobs/*.yaml)")
     run.add_argument("--cluster", default=None, help="cluster file (default: ./cluster.yaml if present)")
-    run.add_argument("--scheduler", default=None, help="scheduler address; overrides the cluster file")
+    run.add_argument(
+        "--scheduler", default=None, type=_scheduler_option, help="scheduler address; overrides the cluster file"
+    )
     run.add_argument("--store", default=None, help="store path or URL; overrides the job file")
     run.add_argument("--out", default=None, help="run directory (default runs/<job-name>-<UTC timestamp>)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
@@ -48,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--out", required=True, help="new store")
     aug.add_argument("--rows", required=True, type=int, help="training rows of the new store")
     aug.add_argument("--seed", type=int, default=0)
-    aug.add_argument("--scheduler", default=None)
+    aug.add_argument("--scheduler", default=None, type=_scheduler_option)
     aug.add_argument("--cluster", default=None)
     return p
 
@@ -93,8 +105,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        # no command at all: the usage with the commands (argparse's convention: stderr, exit 2)
+        sys.stderr.write(parser.format_help())
+        return EXIT_USER
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         return _dispatch(args)
     except UserError as exc:
         to_stderr(f"error: {one_line(exc)}")

@@ -1,6 +1,9 @@
 """Job and cluster configuration: YAML files -> small frozen dataclasses, validated once, at the edge.
 
 Every problem is a :class:`~mnist_kmeans.errors.UserError` whose one-line message names the file and the key.
+Input is bounded before it is believed (docs/contract.md, "Job files"): a config file must be a regular file of at most
+:data:`MAX_FILE_BYTES`, and its YAML may nest at most :data:`MAX_YAML_DEPTH` levels and hold at most
+:data:`MAX_YAML_NODES` values, an alias counted as often as it is used (so an alias bomb is refused while it is read).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,24 +114,129 @@ class ClusterConfig:
 # --- loading -------------------------------------------------------------------------------------------
 
 
+MAX_FILE_BYTES = 1 << 20  # a job or cluster file is a few hundred bytes; 1 MiB is generous and cheap to parse
+MAX_YAML_DEPTH = 20  # levels of nesting; the files use 4 (mapping, report, list, value)
+MAX_YAML_NODES = 10_000  # values after alias expansion (a job file has ~30); bounds the pure-Python parse to ~0.5 s
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; any failure is a one-line UserError naming the file."""
     path = Path(path)
+    text = _read_config_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
+        data = _load_bounded(text)
+    except _TooLarge as exc:
+        raise UserError(f"{path}: {exc.problem}{_line_of(exc)}") from None
     except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise UserError(f"{path}: not valid YAML{line}") from None
+        raise UserError(f"{path}: not valid YAML{_line_of(exc)}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise UserError(f"{path}: not a usable YAML value ({shorten(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a YAML mapping of keys, found {type(data).__name__}")
     return data
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a regular file of at most MAX_FILE_BYTES. Checked with stat before opening, and again on the open
+    descriptor: O_NONBLOCK keeps a FIFO swapped in between from blocking the open."""
+    try:
+        _check_regular(path, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            _check_regular(path, os.fstat(f.fileno()))
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or shorten(exc)}") from None
+    if len(data) > MAX_FILE_BYTES:  # grew since the stat, or a file system that does not say its size
+        raise _too_large(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: cannot read: not UTF-8 text (byte {exc.start})") from None
+
+
+def _check_regular(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path}: not a regular file (a device, FIFO or socket is not read)")
+    if st.st_size > MAX_FILE_BYTES:
+        raise _too_large(path)
+
+
+def _too_large(path: Path) -> UserError:
+    return UserError(f"{path}: larger than {MAX_FILE_BYTES} bytes, too large for a config file")
+
+
+def _line_of(exc: yaml.YAMLError) -> str:
+    where = getattr(exc, "problem_mark", None)
+    return f" (line {where.line + 1})" if where is not None else ""
+
+
+class _TooLarge(yaml.MarkedYAMLError):
+    """A document beyond MAX_YAML_DEPTH or MAX_YAML_NODES."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader (no Python tags) that refuses a document while composing it: deeper than MAX_YAML_DEPTH (before
+    Python's recursion limit is near), or of more than MAX_YAML_NODES values, each alias counted as the size of what
+    it names. Shared nodes would construct cheaply, but every later walk (a check, an error message) expands them."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._depth = 0  # nodes open above the one being composed
+        self._expanded = 0  # values so far, aliases expanded
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded values, height) of finished nodes
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)  # the anchored node (or an error for an unknown alias)
+            if id(node) not in self._measured:
+                raise _TooLarge(problem="an alias inside the node it names (a cycle)", problem_mark=mark)
+            size, height = self._measured[id(node)]
+            self._expanded += size
+        else:
+            if self._depth >= MAX_YAML_DEPTH:
+                raise _TooLarge(problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=mark)
+            self._depth += 1
+            try:
+                node = super().compose_node(parent, index)  # its children count themselves
+            finally:
+                self._depth -= 1
+            height = self._measure(node)[1]
+            self._expanded += 1
+        if self._depth + height > MAX_YAML_DEPTH:
+            raise _TooLarge(problem=f"nested deeper than {MAX_YAML_DEPTH} levels (through aliases)", problem_mark=mark)
+        if self._expanded > MAX_YAML_NODES:
+            too_many = f"more than {MAX_YAML_NODES} values (aliases counted at each use)"
+            raise _TooLarge(problem=too_many, problem_mark=mark)
+        return node
+
+    def _measure(self, node: yaml.Node) -> tuple[int, int]:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        stats = [self._measured[id(child)] for child in children]
+        measured = (1 + sum(s for s, _ in stats), 1 + max((h for _, h in stats), default=0))
+        self._measured[id(node)] = measured
+        return measured
+
+
+def _load_bounded(text: str) -> Any:
+    """``yaml.safe_load`` with the bounds of :class:`_BoundedLoader`."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _shown(value: Any) -> str:
+    """A value from a file as an error line echoes it: its repr, cut to errors.MAX_VALUE characters."""
+    return shorten(repr(value))
 
 
 class _Checker:
@@ -142,7 +251,7 @@ class _Checker:
     def reject_unknown(self, allowed: set[str]) -> None:
         for key in self.data:
             if key not in allowed:
-                raise UserError(f"{self.path}: {self.prefix}{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+                raise self.fail(shorten(key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def require(self, key: str) -> Any:
         if key not in self.data or self.data[key] is None:
@@ -157,11 +266,11 @@ class _Checker:
 
     def check_int(self, key: str, value: Any, minimum: int | None, maximum: int | None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"must be an integer, got {value!r}")
+            raise self.fail(key, f"must be an integer, got {_shown(value)}")
         if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be >= {minimum}, got {value}")
+            raise self.fail(key, f"must be >= {minimum}, got {_shown(value)}")
         if maximum is not None and value > maximum:
-            raise self.fail(key, f"must be <= {maximum}, got {value}")
+            raise self.fail(key, f"must be <= {maximum}, got {_shown(value)}")
         return value
 
     def text(self, key: str, default: str | None = None) -> str | None:
@@ -169,7 +278,7 @@ class _Checker:
         if value is None:
             return None
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, f"must be a non-empty string, got {value!r}")
+            raise self.fail(key, f"must be a non-empty string, got {_shown(value)}")
         return value
 
     def mapping(self, key: str) -> _Checker:
@@ -185,10 +294,10 @@ class _Checker:
     ) -> tuple[int, ...]:
         value = self.data.get(key, default) if default is not None else self.require(key)
         if not isinstance(value, list) or not value:
-            raise self.fail(key, f"must be a non-empty list of integers, got {value!r}")
+            raise self.fail(key, f"must be a non-empty list of integers, got {_shown(value)}")
         out = tuple(self.check_int(key, v, minimum, maximum) for v in value)
         if len(set(out)) != len(out):
-            raise self.fail(key, f"holds a value twice: {list(out)}")
+            raise self.fail(key, f"holds a value twice: {_shown(list(out))}")
         return out
 
 
@@ -218,7 +327,7 @@ def load_job(path: str | Path) -> JobConfig:
     grids = report.int_list("centroid_grids", default=default_grids, minimum=2, maximum=MAX_K)
     for k in grids:
         if k not in k_grid:
-            raise report.fail("centroid_grids", f"K={k} is not in k_grid {list(k_grid)}")
+            raise report.fail("centroid_grids", f"K={k} is not in k_grid {_shown(list(k_grid))}")
     return JobConfig(
         name=name,
         k_grid=k_grid,
@@ -265,6 +374,14 @@ def with_overrides(job: JobConfig, **overrides: Any) -> JobConfig:
 
 
 DEFAULT_CLUSTER_FILE = "cluster.yaml"
+# A worker process holds about 250 MiB once the numeric stack is imported (measured: dask, numpy, scikit-learn, zarr
+# and one 10,000-row chunk as float32, 31 MB), and Dask pauses a worker at 80 % of its limit: below ~320 MiB it
+# pauses before its first task and the run waits forever. 512 MiB leaves room for a few chunks.
+MIN_MEMORY_LIMIT = 512 * 2**20
+MAX_CONNECT_TIMEOUT = 86_400.0  # a day; larger is a typo (and overflows some of asyncio's timers)
+SCHEDULER_SCHEMES = ("tcp", "tls")  # the protocols cluster.py joins (tls:// with the files of `tls`)
+_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")  # a DNS name or an IPv4 address
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def load_cluster(path: str | Path | None) -> ClusterConfig:
@@ -277,14 +394,53 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
     checker = _Checker(path, read_yaml_mapping(path))
     checker.reject_unknown({"scheduler", "connect_timeout", "local", "tls"})
     scheduler = checker.text("scheduler")
-    if scheduler is not None and "://" not in scheduler:
-        raise checker.fail("scheduler", f"must be an address such as tcp://HOST:8786, got {scheduler!r}")
+    if scheduler is not None:
+        try:
+            scheduler_address(scheduler)
+        except ValueError as exc:
+            raise checker.fail("scheduler", str(exc)) from None
     timeout = checker.data.get("connect_timeout", ClusterConfig.connect_timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise checker.fail("connect_timeout", f"must be a positive number of seconds, got {timeout!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout <= MAX_CONNECT_TIMEOUT  # also false for NaN
+    ):
+        what = f"must be a positive number of seconds, at most {MAX_CONNECT_TIMEOUT:g}"
+        raise checker.fail("connect_timeout", f"{what}, got {_shown(timeout)}")
     local = _local_section(checker.mapping("local"))
     tls = _tls_section(checker.mapping("tls"), Path(path).parent) if checker.data.get("tls") is not None else None
     return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls)
+
+
+def scheduler_address(text: str) -> str:
+    """``text`` if it is an address a client can join, ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (an IPv6 host in
+    brackets, port 1 - 65535), else a ValueError saying so. For the cluster file and ``--scheduler``."""
+    scheme, sep, rest = text.partition("://")
+    parsed = _host_port(rest) if sep and scheme in SCHEDULER_SCHEMES else None
+    if parsed is None or not parsed[0] or parsed[1] == 0:
+        raise ValueError(
+            f"must be tcp://HOST:PORT or tls://HOST:PORT (port 1 - 65535, IPv6 as [::1]), got {_shown(text)}"
+        )
+    return text
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (no host) -> (host, port 0 - 65535); ``None`` if it is not one."""
+    import ipaddress
+
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    else:
+        host, sep, port = text.rpartition(":")
+        if host and not _HOST_NAME.fullmatch(host):
+            return None
+    if not sep or not _PORT.fullmatch(port) or int(port) > 65535:
+        return None
+    return host, int(port)
 
 
 def _local_section(section: _Checker) -> LocalClusterConfig:
@@ -293,30 +449,45 @@ def _local_section(section: _Checker) -> LocalClusterConfig:
     defaults = LocalClusterConfig()
     processes = section.data.get("processes", defaults.processes)
     if not isinstance(processes, bool):
-        raise section.fail("processes", f"must be true or false, got {processes!r}")
-    memory_limit = _memory_limit(section, defaults.memory_limit)
+        raise section.fail("processes", f"must be true or false, got {_shown(processes)}")
     return LocalClusterConfig(
         n_workers=section.integer("n_workers", defaults.n_workers, minimum=1, maximum=1024),
         threads_per_worker=section.integer("threads_per_worker", defaults.threads_per_worker, minimum=1, maximum=1024),
-        memory_limit=memory_limit,
-        dashboard_address=section.text("dashboard_address", defaults.dashboard_address),
+        memory_limit=_memory_limit(section, defaults.memory_limit),
+        dashboard_address=_dashboard_address(section, defaults.dashboard_address),
         processes=processes,
     )
 
 
 def _memory_limit(section: _Checker, default: str) -> str:
-    """``local.memory_limit``: bytes, or a size dask parses (``4GiB``), kept as the text given."""
-    memory_limit = section.data.get("memory_limit", default)
-    if isinstance(memory_limit, bool) or not isinstance(memory_limit, (str, int)):
-        raise section.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}")
-    if isinstance(memory_limit, str):
-        from dask.utils import parse_bytes
+    """``local.memory_limit``: bytes, or a size dask parses (``4GiB``), at least MIN_MEMORY_LIMIT; kept as given."""
+    from dask.utils import parse_bytes
 
-        try:
-            parse_bytes(memory_limit)
-        except (ValueError, TypeError):
-            raise section.fail("memory_limit", f"must be a size such as 4GiB, got {memory_limit!r}") from None
+    memory_limit = section.data.get("memory_limit", default)
+    wrong = section.fail("memory_limit", f"must be a size such as 4GiB, or bytes, got {_shown(memory_limit)}")
+    if isinstance(memory_limit, bool) or not isinstance(memory_limit, (str, int)):
+        raise wrong
+    try:
+        size = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
+    except (ValueError, TypeError, OverflowError):  # OverflowError: "1e400"
+        raise wrong from None
+    if size < MIN_MEMORY_LIMIT:  # also a negative size, which parse_bytes takes ("-5GB")
+        raise section.fail(
+            "memory_limit",
+            f"must be at least {MIN_MEMORY_LIMIT >> 20} MiB per worker (a worker holds ~250 MiB before any data), "
+            f"got {_shown(memory_limit)}",
+        )
     return str(memory_limit)
+
+
+def _dashboard_address(section: _Checker, default: str) -> str:
+    """``local.dashboard_address``: ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (port 0: any free one). No ``null``:
+    LocalCluster's ``dashboard_address=None`` drops the dashboard's pages but still serves HTTP on port 8787."""
+    value = section.data.get("dashboard_address", default)
+    if not isinstance(value, str) or _host_port(value) is None:
+        what = "must be HOST:PORT or :PORT (port 0 - 65535, IPv6 as [::1])"
+        raise section.fail("dashboard_address", f"{what}, got {_shown(value)}")
+    return value
 
 
 def _tls_section(section: _Checker, base: Path) -> TLSConfig:
@@ -328,7 +499,11 @@ def _tls_section(section: _Checker, base: Path) -> TLSConfig:
         if value is None:
             raise section.fail(key, "missing (required when tls is set)")
         resolved = Path(value) if Path(value).is_absolute() else base / value
-        if not resolved.is_file():
-            raise section.fail(key, f"file not found: {resolved}")
+        try:
+            found = resolved.is_file()
+        except OSError as exc:  # a name too long for the file system: is_file raises rather than says False
+            raise section.fail(key, f"cannot check {shorten(resolved, 300)}: {exc.strerror}") from None
+        if not found:
+            raise section.fail(key, f"file not found: {shorten(resolved, 300)}")
         files[key] = str(resolved)
     return TLSConfig(**files)

@@ -40,6 +40,7 @@ from mnist_kmeans.config import (
     load_cluster,
     load_job,
     local_path_option,
+    read_yaml_mapping,
     refuse_memory_store,
     with_overrides,
 )
@@ -249,17 +250,13 @@ def _run_dir_to_resume(job: JobConfig, run_dir: Path) -> Path:
     saved = run_dir / "job.yaml"
     if not saved.is_file() or not (run_dir / "centroids.zarr").is_dir():
         raise UserError(f"{run_dir}: not a run directory to resume (no job.yaml or centroids.zarr)")
-    try:
-        before = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"{saved}: not valid YAML") from None
+    before = read_yaml_mapping(saved)  # bounded like the job file: the run directory may come from anyone
     now = job.to_yaml_dict()
-    if not isinstance(before, dict):
-        raise UserError(f"{saved}: must hold a YAML mapping")
-    for key in sorted(set(before) | set(now)):
+    for key in sorted(set(before) | set(now), key=str):
         if before.get(key) != now.get(key):
+            was, has = shorten(f"{key}={before.get(key)!r}"), shorten(f"{key}={now.get(key)!r}")
             raise UserError(
-                f"{saved}: the run was made with {key}={before.get(key)!r}, this job has {key}={now.get(key)!r}; "
+                f"{saved}: the run was made with {was}, this job has {has}; "
                 "resume with the same job and store, or start a new run"
             )
     return run_dir

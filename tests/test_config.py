@@ -6,6 +6,7 @@ Every problem is a UserError of one line that names the file and the key at faul
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,14 @@ def test_repo_cluster_file_loads() -> None:
         ),
         ("local: {memory_limit: 1073741824}\n", lambda c: c.local.memory_limit == "1073741824"),
         ("local: {n_workers: 1}\n", lambda c: c.local.n_workers == 1 and c.local.threads_per_worker == 1),
+        ("local: {memory_limit: 512MiB}\n", lambda c: c.local.memory_limit == "512MiB"),  # the floor itself
+        ("local: {memory_limit: 536870912}\n", lambda c: c.local.memory_limit == "536870912"),
+        ("local: {dashboard_address: ':8787'}\n", lambda c: c.local.dashboard_address == ":8787"),
+        ("local: {dashboard_address: '[::1]:0'}\n", lambda c: c.local.dashboard_address == "[::1]:0"),
+        ("local: {dashboard_address: 'localhost:65535'}\n", lambda c: c.local.dashboard_address == "localhost:65535"),
+        ("scheduler: tls://[::1]:8786\n", lambda c: c.scheduler == "tls://[::1]:8786"),
+        ("scheduler: tcp://node-7.example.org:1\n", lambda c: c.scheduler == "tcp://node-7.example.org:1"),
+        ("connect_timeout: 86400\n", lambda c: c.connect_timeout == 86400.0),
     ],
 )
 def test_cluster_values(tmp_path: Path, text: str, check) -> None:
@@ -261,15 +270,41 @@ BAD_CLUSTERS = [
     ("local: {threads_per_worker: 0}\n", ["local.threads_per_worker"]),
     ("local: {memory_limit: lots}\n", ["local.memory_limit"]),
     ("local: {memory_limit: true}\n", ["local.memory_limit"]),
+    ("local: {memory_limit: 1KB}\n", ["local.memory_limit", "at least 512 MiB"]),  # a worker paused forever
+    ("local: {memory_limit: -5GB}\n", ["local.memory_limit", "at least"]),  # dask's parse_bytes takes it
+    ("local: {memory_limit: 0}\n", ["local.memory_limit", "at least"]),  # 0 would mean no limit to dask
+    ("local: {memory_limit: 1000}\n", ["local.memory_limit", "at least"]),
+    ("local: {memory_limit: 256MiB}\n", ["local.memory_limit", "at least"]),
+    ("local: {memory_limit: 1e400}\n", ["local.memory_limit"]),  # parse_bytes: OverflowError
+    ("local: {memory_limit: 4.5e+9}\n", ["local.memory_limit"]),  # a YAML float, not bytes
+    ("local: {dashboard_address: garbage}\n", ["local.dashboard_address", "HOST:PORT"]),
+    ("local: {dashboard_address: 'host:99999'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: '127.0.0.1:'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: 'a b:8787'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: ':::'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: '[nope]:1'}\n", ["local.dashboard_address"]),
+    ("local: {dashboard_address: null}\n", ["local.dashboard_address"]),
     ("local: {processes: 'yes'}\n", ["local.processes"]),
     ("local: {dashboard_address: 8787}\n", ["local.dashboard_address"]),
     ("local: [2]\n", ["local"]),
     ("scheduler: localhost:8786\n", ["scheduler"]),
     ("scheduler: 8786\n", ["scheduler"]),
+    ("scheduler: 'tcp://:::'\n", ["scheduler", "tcp://HOST:PORT"]),
+    ("scheduler: tcp://host\n", ["scheduler"]),
+    ("scheduler: 'tcp://:8786'\n", ["scheduler"]),
+    ("scheduler: tcp://host:0\n", ["scheduler"]),
+    ("scheduler: tcp://host:99999\n", ["scheduler"]),
+    ("scheduler: tcp://host:8786/x\n", ["scheduler"]),
+    ("scheduler: inproc://10.0.0.1/1/2\n", ["scheduler"]),
+    ("scheduler: ucx://host:8786\n", ["scheduler"]),
+    ("scheduler: http://host:8786\n", ["scheduler"]),
     ("connect_timeout: 0\n", ["connect_timeout"]),
     ("connect_timeout: -3\n", ["connect_timeout"]),
     ("connect_timeout: soon\n", ["connect_timeout"]),
     ("connect_timeout: true\n", ["connect_timeout"]),
+    ("connect_timeout: .nan\n", ["connect_timeout"]),
+    ("connect_timeout: .inf\n", ["connect_timeout"]),
+    ("connect_timeout: 1e9\n", ["connect_timeout", "at most 86400"]),
     (
         "tls:\n  ca_file: missing-ca.pem\n  cert: missing.pem\n  key: missing-key.pem\n",
         ["tls.ca_file", "missing-ca.pem"],
@@ -295,3 +330,82 @@ def test_missing_cluster_file(tmp_path: Path) -> None:
     with pytest.raises(UserError) as exc:
         load_cluster(tmp_path / "cluster.yaml")
     assert_user_error(exc, tmp_path / "cluster.yaml", "not found")
+
+
+# --- bounded input (docs/contract.md, "Job files": limits) -------------------------------------------------------
+
+
+def alias_bomb(levels: int, key: str = "name") -> str:
+    """ "Billion laughs": each level an anchored list of nine aliases of the one before; 9**levels values expanded."""
+    items = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"{key}: [{', '.join(items)}]\nk_grid: [3]\n"
+
+
+BOUNDED_READS = [
+    # (file text, words the message must hold): refused while reading, before any value is looked at
+    (alias_bomb(9), ["more than 10000 values"]),
+    ("name: &a [*a]\nk_grid: [3]\n", ["a cycle"]),
+    ("name: [&a0 [x], " + ", ".join(f"&a{i} [*a{i - 1}]" for i in range(1, 40)) + "]\nk_grid: [3]\n", ["deeper"]),
+    ("name: j\nk_grid: " + "[" * 10_000 + "]" * 10_000 + "\n", ["nested deeper than 20 levels", "line 2"]),
+    ("name: j\nk_grid: [" + ", ".join(["3"] * 10_001) + "]\n", ["more than 10000 values"]),
+    (MINIMAL + "seed: " + "9" * 5000 + "\n", ["not a usable YAML value"]),  # int() refuses > 4300 digits
+    (MINIMAL + "seed: 2001-13-45\n", ["not a usable YAML value"]),  # a date that is none
+    (MINIMAL + "# " + "x" * (1 << 20) + "\n", ["larger than 1048576 bytes"]),
+]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(("text", "words"), BOUNDED_READS, ids=range(len(BOUNDED_READS)))
+def test_bounded_reads(tmp_path: Path, text: str, words: list[str]) -> None:
+    path = write(tmp_path, text, "job.yaml")
+    for load in (load_job, load_cluster):
+        with pytest.raises(UserError) as exc:
+            load(path)
+        assert_user_error(exc, path, *words)
+
+
+@pytest.mark.timeout(20)
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    """A FIFO would block the open (or the read) until a writer comes, a device is endless: neither is read."""
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    cases = ((fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"), (tmp_path, "directory"))
+    for path, says in cases:
+        for load in (load_job, load_cluster):
+            with pytest.raises(UserError) as exc:
+                load(path)
+            assert_user_error(exc, path, says)
+
+
+def test_harmless_aliases_load(tmp_path: Path) -> None:
+    job = load_job(write(tmp_path, "name: j\nk_grid: &grid [3, 6]\nreport: {centroid_grids: *grid}\n"))
+    assert job.k_grid == (3, 6) and job.centroid_grids == (3, 6)
+
+
+LONG = "x" * 100_000
+WIDE_GRID = ", ".join(map(str, range(3, 5000)))
+ECHOED = [
+    # (file text, key): a value echoed in the message is cut to errors.MAX_VALUE characters
+    (f"name: j\nk_grid: [3]\nepochs: '{LONG}'\n", "epochs"),
+    (f"name: [{LONG}]\nk_grid: [3]\n", "name"),
+    ("name: j\nk_grid: [" + ", ".join(["3"] * 5000) + "]\n", "k_grid"),
+    (f"name: j\nk_grid: [3]\nseed: {'9' * 4000}\n", "seed"),  # 4000 digits: int() still takes it
+    (f"name: j\nk_grid: [{WIDE_GRID}]\nreport: {{centroid_grids: [2]}}\n", "centroid_grids"),
+    (f"name: j\nk_grid: [3]\n? {LONG}\n: 1\n", "unknown key"),
+    (f"local: {{processes: '{LONG}'}}\n", "local.processes"),
+    (f"local: {{memory_limit: '{LONG}'}}\n", "local.memory_limit"),
+    (f"local: {{dashboard_address: '{LONG}'}}\n", "local.dashboard_address"),
+    (f"scheduler: 'tcp://{LONG}'\n", "scheduler"),
+    (f"connect_timeout: '{LONG}'\n", "connect_timeout"),
+    (f"tls: {{ca_file: '{LONG}'}}\n", "tls.ca_file"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), ECHOED, ids=[key for _, key in ECHOED])
+def test_echoed_values_are_short(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text, "file.yaml")
+    load = load_cluster if text.startswith(("local", "scheduler", "connect", "tls")) else load_job
+    with pytest.raises(UserError) as exc:
+        load(path)
+    assert_user_error(exc, path, key)
+    assert len(str(exc.value)) < len(str(path)) + 400, len(str(exc.value))

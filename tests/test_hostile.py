@@ -318,7 +318,7 @@ CASES = [
         "cluster: address without scheme",
         lambda c: c.run_out(cluster=c.cluster("scheduler: localhost:8786\n")),
         2,
-        ("cluster.yaml", "scheduler", "tcp://HOST:8786"),
+        ("cluster.yaml", "scheduler", "tcp://HOST:PORT"),
     ),
     Case(
         "cluster: negative timeout",
