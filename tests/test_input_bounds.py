@@ -79,7 +79,8 @@ HOSTILE_FILES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = 
 @pytest.mark.parametrize(("make", "says"), [c[1:] for c in HOSTILE_FILES], ids=[c[0] for c in HOSTILE_FILES])
 def test_hostile_files_are_refused_fast(tmp_path: Path, make: Callable[[Path], list[str]], says: tuple[str, ...]):
     args = make(tmp_path)
-    proc = run_cli("run", *args, "--out", str(tmp_path / "run"), timeout=30, cwd=tmp_path)
+    out = [] if "--resume" in args else ["--out", str(tmp_path / "run")]  # a resume writes into its own directory
+    proc = run_cli("run", *args, *out, timeout=30, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(proc.stderr) < SHORT and "Traceback" not in proc.stderr, proc.stderr[:2000]
     lines = proc.stderr.splitlines()
