@@ -129,7 +129,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: {exc.problem}{_line_of(exc)}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML{_line_of(exc)}") from None
-    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+    except ValueError as exc:  # an integer of more digits than int() takes, a date such as 2001-13-45
         raise UserError(f"{path}: not a usable YAML value ({shorten(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a YAML mapping of keys, found {type(data).__name__}")
@@ -378,7 +378,7 @@ DEFAULT_CLUSTER_FILE = "cluster.yaml"
 # and one 10,000-row chunk as float32, 31 MB), and Dask pauses a worker at 80 % of its limit: below ~320 MiB it
 # pauses before its first task and the run waits forever. 512 MiB leaves room for a few chunks.
 MIN_MEMORY_LIMIT = 512 * 2**20
-MAX_CONNECT_TIMEOUT = 86_400.0  # a day; larger is a typo (and overflows some of asyncio's timers)
+MAX_CONNECT_TIMEOUT = 86_400.0  # a day: any longer wait for a scheduler is a typo
 SCHEDULER_SCHEMES = ("tcp", "tls")  # the protocols cluster.py joins (tls:// with the files of `tls`)
 _HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}")  # a DNS name or an IPv4 address
 _PORT = re.compile(r"[0-9]{1,5}")
