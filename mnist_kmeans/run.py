@@ -40,7 +40,6 @@ from mnist_kmeans.config import (
     load_cluster,
     load_job,
     local_path_option,
-    read_yaml_mapping,
     refuse_memory_store,
     with_overrides,
 )
@@ -50,6 +49,7 @@ from mnist_kmeans.errors import ClusterError, Log, UserError, count, shorten, to
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
+from mnist_kmeans.reading import read_yaml_mapping
 from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains
 
 if TYPE_CHECKING:  # cluster.py imports distributed: at run time only once the job has been checked

@@ -150,3 +150,49 @@ def test_no_command_prints_the_usage_with_the_commands() -> None:
     assert proc.stderr.startswith("usage: mnist-kmeans")
     for command in ("ingest", "run", "report", "augment"):
         assert f"\n    {command} " in proc.stderr, command  # each command with its one-line help
+
+
+# --- a run directory handed to `report` -----------------------------------------------------------------------------
+
+
+def _bomb_job_yaml(run_dir: Path) -> None:
+    (run_dir / "job.yaml").write_text(alias_bomb(9))
+
+
+def _fifo_job_yaml(run_dir: Path) -> None:
+    (run_dir / "job.yaml").unlink()
+    fifo(run_dir / "job.yaml")
+
+
+def _deep_metrics(run_dir: Path) -> None:
+    (run_dir / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _huge_evaluation(run_dir: Path) -> None:
+    with open(run_dir / "evaluation.json", "w") as f:
+        f.truncate(65 << 20)
+
+
+@pytest.mark.parametrize(
+    ("damage", "code", "says"),
+    [
+        (_bomb_job_yaml, 0, ()),  # job.yaml is shown as text; its centroid_grids cannot be read: the best K is shown
+        (_fifo_job_yaml, 2, ("job.yaml", "not a regular file")),
+        (_deep_metrics, 2, ("metrics.json", "nested too deeply")),
+        (_huge_evaluation, 2, ("evaluation.json", "larger than")),
+    ],
+    ids=["job.yaml an alias bomb", "job.yaml a FIFO", "metrics.json nested 100,000 deep", "evaluation.json of 65 MiB"],
+)
+def test_report_of_a_hostile_run_directory(tmp_path: Path, damage, code: int, says: tuple[str, ...]) -> None:
+    from tests.report_data import make_run_dir
+
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir)
+    damage(run_dir)
+    proc = run_cli("report", str(run_dir), timeout=60, cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert len(proc.stderr) < SHORT and "Traceback" not in proc.stderr, proc.stderr[:2000]
+    if code == 2:
+        line = proc.stderr.strip()
+        assert len(line.splitlines()) == 1 and all(fragment in line for fragment in says), line
+        assert not (run_dir / "report.html").exists()

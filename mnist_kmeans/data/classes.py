@@ -9,9 +9,11 @@ on MNIST, "digit").
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mnist_kmeans.errors import UserError, shorten
+from mnist_kmeans.reading import read_text
 
 CLASSES_FILE = "classes"
 MAX_NAME_CHARS = 64  # a name is a tile's title in the report's figures: short by nature
@@ -41,12 +43,7 @@ def parse_class_names(where: str, text: str) -> list[str]:
 
 def read_class_names(path: str) -> list[str]:
     """The names of the classes file at ``path`` (``ingest --classes``); see :func:`parse_class_names`."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise UserError(f"{shorten(path)}: cannot read the class names: {exc.strerror}") from None
-    return parse_class_names(path, decode_names(path, data))
+    return parse_class_names(path, read_text(Path(path), MAX_FILE_BYTES))  # a regular file: a FIFO never blocks
 
 
 def decode_names(where: str, data: bytes) -> str:

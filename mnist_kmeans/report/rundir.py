@@ -21,6 +21,7 @@ import yaml
 
 from mnist_kmeans.data.classes import valid_class_names
 from mnist_kmeans.errors import UserError
+from mnist_kmeans.reading import load_yaml, read_text
 from mnist_kmeans.report.identity import DataIdentity, identify
 from mnist_kmeans.report.values import is_int, is_num
 
@@ -53,15 +54,19 @@ class RunData:
 # ----------------------------------------------------------------------------------------------- JSON files
 
 
+MAX_JSON_BYTES = 64 << 20  # the largest, evaluation.json, holds K x classes counts per K: a few MB at most
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: missing (is this a finished run directory?)")
+    text = read_text(path, MAX_JSON_BYTES)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON for a run directory: nested too deeply") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object at the top, found {type(obj).__name__}")
     return obj
@@ -271,11 +276,11 @@ def _job_centroid_grids(job_yaml: str | None, ks: Sequence[int], best_k: int) ->
     """The K values whose centroid images to draw (``report.centroid_grids`` of job.yaml), and a note on fallbacks."""
     wanted: list[int] = []
     try:
-        job = yaml.safe_load(job_yaml) if job_yaml else None
+        job = load_yaml(job_yaml) if job_yaml else None
         grids = job.get("report", {}).get("centroid_grids") if isinstance(job, dict) else None
         if isinstance(grids, list):
             wanted = [int(v) for v in grids if is_int(v)]
-    except (yaml.YAMLError, AttributeError):
+    except (yaml.YAMLError, AttributeError, ValueError):
         pass  # job.yaml is shown as text anyway; a broken one only costs the choice of grids
     shown = [k for k in dict.fromkeys(wanted) if k in ks]
     skipped = [k for k in wanted if k not in ks]
@@ -292,7 +297,8 @@ def _job_centroid_grids(job_yaml: str | None, ks: Sequence[int], best_k: int) ->
 
 
 def _read_optional_text(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+    """The text of ``path``, bounded as a job file is; None when there is none."""
+    return read_text(path) if path.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------- the whole run
