@@ -371,6 +371,7 @@ def _installed_version(dist: str) -> str:
 def _results_and_reports(session: ClusterRun) -> tuple[_FinalTimings, _Report]:
     """Fit, evaluate and write the results, under a performance report; the figures are left drawing."""
     run = session.run
+    _import_report_modules()
     t_fit = time.perf_counter()
     # written under a temporary name and renamed: a cut-short run never leaves a truncated report, nor the partial one
     partial_report = run.run_dir / ".dask-performance.html.partial"
@@ -387,6 +388,15 @@ def _results_and_reports(session: ClusterRun) -> tuple[_FinalTimings, _Report]:
     finally:
         partial_report.unlink(missing_ok=True)
     return _FinalTimings(run.run_dir / "metrics.json", metrics, t_report, run.t_start), report
+
+
+def _import_report_modules() -> None:
+    """Import now what the report phase needs: a Ctrl-C that lands inside an import can leave an import lock held, and
+    the event loop thread, which imports fsspec's file system to write dask-performance.html, would wait on it."""
+    import fsspec.implementations.local  # noqa: F401
+
+    from mnist_kmeans.reference import load_seed_table  # noqa: F401
+    from mnist_kmeans.report import html  # noqa: F401
 
 
 def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
@@ -586,7 +596,8 @@ def _performance_report(filename: str, code: str) -> Any:
 
     class Report(performance_report):
         def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-            get_client().sync(self.__aexit__, exc_type, exc_value, traceback, code=code)
+            if exc_type is None:  # a run cut short keeps no performance report: nothing more to wait for
+                get_client().sync(self.__aexit__, exc_type, exc_value, traceback, code=code)
 
     return Report(filename=filename, mode="inline")
 
