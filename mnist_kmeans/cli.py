@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument(
         "--classes", default=None, metavar="FILE", help="class names, one per line (default: SOURCE/classes if any)"
     )
-    ing.add_argument("--cluster", default=None, help="cluster file whose storage: section is used (default ./cluster.yaml)")
+    ing.add_argument("--cluster", default=None, help="cluster file: its storage: section (default ./cluster.yaml)")
 
     run = sub.add_parser("run", help="the distributed K-grid job, then the report")
     run.add_argument("job", help="job file (jobs/*.yaml)")

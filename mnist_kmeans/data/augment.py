@@ -53,6 +53,7 @@ from mnist_kmeans.data.store import (
     mark_complete,
     open_store,
     read_rows,
+    write_error,
 )
 from mnist_kmeans.errors import ClusterError, Log, UserError, one_line, to_stderr
 
@@ -336,7 +337,7 @@ def _create_empty(plan: _Plan, target: str, attrs: dict[str, Any]) -> zarr.Group
         create_split(group, "train", plan.rows, src.n_features, src.chunk_rows)
         create_split(group, "test", src.n_test, src.n_features, src.chunk_rows)
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
-        raise UserError(f"{plan.out}: cannot write the store: {one_line(exc, with_type=True)}") from None
+        raise write_error(plan.out, exc) from None
     return group
 
 

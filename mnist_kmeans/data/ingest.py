@@ -46,7 +46,7 @@ from mnist_kmeans.data.store import (
     is_complete,
     open_store,
 )
-from mnist_kmeans.errors import Log, UserError, count, one_line
+from mnist_kmeans.errors import Log, UserError, count
 
 # A chunk is what a worker decodes and then holds as float32 (4x its bytes): 1 GiB of uint8 is far beyond any sane
 # choice, and stays below Blosc's 2 GiB limit per buffer.
@@ -270,7 +270,7 @@ def _write(to: _Target, src: Source, layout: _Layout, rows: int, names: _Names, 
         to.check_writer(attrs["ingest_id"])
         store_layout.mark_complete(group, final)
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
-        raise UserError(f"{to.name}: cannot write the store: {one_line(exc, with_type=True)}") from None
+        raise store_layout.write_error(to.name, exc) from None
 
 
 def _copy(reader: IdxReader, rows: int, array: zarr.Array | None = None) -> tuple[int, list[int]]:

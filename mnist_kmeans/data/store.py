@@ -136,8 +136,27 @@ def read_attrs(url: str, options: Options = None) -> dict[str, Any] | None:
         if local is not None and local.is_dir() and any(local.iterdir()):
             raise UserError(f"{url}: exists and is not an mnist-kmeans store; will not overwrite it") from None
         return None
+    except PermissionError as exc:
+        if is_remote(url):
+            raise UserError(f"{url}: access denied ({one_line(exc, with_type=True)}); {CREDENTIALS_HINT}") from None
+        raise UserError(f"{url}: cannot open as a Zarr store: {one_line(exc, with_type=True)}") from None
     except Exception as exc:  # a file that is not Zarr, a bad URL, an unreadable directory
         raise UserError(f"{url}: cannot open as a Zarr store: {type(exc).__name__}: {exc}") from None
+
+
+# Where the credentials of a remote store come from (README, "Object storage"); said when they are refused.
+CREDENTIALS_HINT = (
+    "check the credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL), ~/.aws, "
+    "or the storage: section of the cluster file"
+)
+
+
+def write_error(name: str, exc: BaseException) -> UserError:
+    """The error for a store that cannot be written: a remote store whose credentials may only read says so."""
+    reason = one_line(exc, with_type=True)
+    if isinstance(exc, PermissionError) and is_remote(name):
+        return UserError(f"{name}: cannot write the store: access denied ({reason}): these credentials may not write")
+    return UserError(f"{name}: cannot write the store: {reason}")
 
 
 def open_store(url: str, options: Options = None) -> StoreInfo:
