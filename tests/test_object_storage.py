@@ -243,3 +243,20 @@ def test_s3_server_script_binds_loopback_only(s3_server: S3Server) -> None:
     assert (("127.0.0.1", s3_server.port)) in listening
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
     assert (REPO_ROOT / "scripts" / "s3-server.sh").is_file()
+
+
+def test_augment_from_s3_to_s3_on_workers_given_the_options_with_the_tasks(
+    s3: S3Setup, s3_server: S3Server, workers: DaskCluster
+) -> None:
+    """Each chunk is read and written on a worker without credentials of its own; the new store is complete."""
+    from mnist_kmeans.data.store import open_store
+
+    out = "s3://test/augmented.zarr"
+    cfg = cluster_file(s3.root / "cluster-augment.yaml", s3_server, scheduler=workers.address)
+    proc = cli("augment", "--store", s3.url, "--out", out, "--rows", "500", "--cluster", str(cfg), cwd=s3.root)
+    assert proc.returncode == 0, proc.stderr
+    info = open_store(out, s3_server.options())
+    assert (info.n_train, info.n_test, info.augmented_from["store"]) == (500, 200, s3.url)
+    assert s3_server.secret not in proc.stdout + proc.stderr
+    again = cli("augment", "--store", s3.url, "--out", out, "--rows", "500", "--cluster", str(cfg), cwd=s3.root)
+    assert again.returncode == 2 and "a complete store is already there" in one_error_line(again)
