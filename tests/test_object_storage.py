@@ -260,3 +260,17 @@ def test_augment_from_s3_to_s3_on_workers_given_the_options_with_the_tasks(
     assert s3_server.secret not in proc.stdout + proc.stderr
     again = cli("augment", "--store", s3.url, "--out", out, "--rows", "500", "--cluster", str(cfg), cwd=s3.root)
     assert again.returncode == 2 and "a complete store is already there" in one_error_line(again)
+
+
+def test_cluster_file_storage_values_are_checked_and_never_echoed(tmp_path: Path) -> None:
+    from mnist_kmeans.config import load_cluster
+    from mnist_kmeans.errors import UserError
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"key": "k", "client_kwargs": {"region_name": "x"}}}))
+    assert load_cluster(path).storage == {"key": "k", "client_kwargs": {"region_name": "x"}}
+    assert "'k'" not in repr(load_cluster(path))  # the options are left out of its repr
+    path.write_text(yaml.safe_dump({"storage": {"secret": ["hidden-value-123"]}}))
+    with pytest.raises(UserError, match=r"storage\.secret: must be a string") as caught:
+        load_cluster(path)
+    assert "hidden-value-123" not in str(caught.value)
