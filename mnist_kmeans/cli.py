@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument(
         "--classes", default=None, metavar="FILE", help="class names, one per line (default: SOURCE/classes if any)"
     )
+    ing.add_argument("--cluster", default=None, help="cluster file: its storage: section (default ./cluster.yaml)")
 
     run = sub.add_parser("run", help="the distributed K-grid job, then the report")
     run.add_argument("job", help="job file (jobs/*.yaml)")
@@ -68,12 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> int:
     # Imports are local so that `--help` and bad arguments answer fast, without importing dask.
     if args.command == "ingest":
-        from mnist_kmeans.config import refuse_memory_store
+        from mnist_kmeans.config import load_cluster, refuse_memory_store
         from mnist_kmeans.data.ingest import ingest
 
         source, store = args.source or default_source(), args.store or default_store()
         refuse_memory_store(store)
-        ingest(source, store, chunk_rows=args.chunk_rows, force=args.force, log=to_stderr, classes=args.classes)
+        options = load_cluster(args.cluster).storage  # credentials of a remote store, if the cluster file has them
+        ingest(
+            source,
+            store,
+            chunk_rows=args.chunk_rows,
+            force=args.force,
+            log=to_stderr,
+            classes=args.classes,
+            storage_options=options,
+        )
     elif args.command == "run":
         from mnist_kmeans.config import load_cluster, load_job
 

@@ -106,6 +106,8 @@ class ClusterConfig:
     connect_timeout: float = 10.0
     local: LocalClusterConfig = field(default_factory=LocalClusterConfig)
     tls: TLSConfig | None = None
+    # fsspec storage options for remote stores (``storage:``); may hold secrets: never shown, never written anywhere
+    storage: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
             return ClusterConfig()
         path = DEFAULT_CLUSTER_FILE
     checker = _Checker(path, read_yaml_mapping(path))
-    checker.reject_unknown({"scheduler", "connect_timeout", "local", "tls"})
+    checker.reject_unknown({"scheduler", "connect_timeout", "local", "tls", "storage"})
     scheduler = checker.text("scheduler")
     if scheduler is not None:
         try:
@@ -286,7 +288,8 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
         raise checker.fail("connect_timeout", f"{what}, got {_shown(timeout)}")
     local = _local_section(checker.mapping("local"))
     tls = _tls_section(checker.mapping("tls"), Path(path).parent) if checker.data.get("tls") is not None else None
-    return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls)
+    storage = _storage_section(checker.mapping("storage"))
+    return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls, storage=storage)
 
 
 def scheduler_address(text: str) -> str:
@@ -384,3 +387,24 @@ def _tls_section(section: _Checker, base: Path) -> TLSConfig:
             raise section.fail(key, f"file not found: {shorten(resolved, 300)}")
         files[key] = str(resolved)
     return TLSConfig(**files)
+
+
+MAX_STORAGE_DEPTH = 3  # fsspec options nest a little (client_kwargs: {region_name: ...}); deeper is a mistake
+
+
+def _storage_section(section: _Checker, depth: int = 1) -> dict[str, Any]:
+    """The ``storage:`` section: fsspec storage options for remote stores (for s3://, s3fs's: ``key``, ``secret``,
+    ``endpoint_url``, ``client_kwargs``, ...), passed as they are. Keys are names; values are strings, numbers,
+    booleans or mappings of those. A value is never echoed in an error: it may be a secret."""
+    out: dict[str, Any] = {}
+    for key, value in section.data.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key):
+            raise section.fail(shorten(key), "must be an option name (letters, digits, _)")
+        if isinstance(value, dict) and depth < MAX_STORAGE_DEPTH:
+            out[key] = _storage_section(section.mapping(key), depth + 1)
+        elif isinstance(value, (str, int, float, bool)) and not (isinstance(value, str) and len(value) > 4096):
+            out[key] = value
+        else:
+            what = "a string, number, boolean" + (" or mapping" if depth < MAX_STORAGE_DEPTH else "")
+            raise section.fail(key, f"must be {what} (the value is not shown: it may be a secret)")
+    return out

@@ -116,7 +116,7 @@ def draw_sample(info: StoreInfo, n_rows: int, seed: int) -> np.ndarray:
     rows = sample_rows(info.n_train, n_rows, seed)
     order = np.argsort(rows)
     images = np.empty((n_rows, info.n_features), dtype=np.uint8)
-    images[order] = read_rows_at(info.url, "train", rows[order])
+    images[order] = read_rows_at(info.url, "train", rows[order], info.storage_options)
     return np.divide(images, np.float32(255), dtype=np.float32)
 
 

@@ -154,7 +154,7 @@ def prepare(
     refuse_memory_store(job.store)
     cluster = load_cluster(cluster_file)
     run_dir, resuming = _prepare_run_dir(job, out, resume)
-    info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log)[0]
+    info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log, cluster.storage)[0]
     checkpoint = None
     if info is not None:
         check_job_against_data(job, job_file, info)
@@ -192,7 +192,7 @@ def ingest_default(run: JobRun, log: Log) -> JobRun:
     """``run`` with its store open: the default store ingested now if :func:`prepare` left it to do."""
     if run.info is not None:
         return run
-    info, ingest_s = ensure_store(run.job.store, log)
+    info, ingest_s = ensure_store(run.job.store, log, run.cluster.storage)
     check_job_against_data(run.job, run.job_file, info)
     return dataclasses.replace(run, info=info, ingest_s=ingest_s)
 
@@ -203,8 +203,9 @@ def checkpoint_layout(job: JobConfig, info: StoreInfo) -> CheckpointLayout:
     return CheckpointLayout(info.image_shape, restarts, job.epochs, job.lloyd_steps)
 
 
-def ensure_store(url: str, log: Log) -> tuple[StoreInfo, float]:
-    """Open the job's store, the default store ingested first from the default source if :func:`_to_ingest`."""
+def ensure_store(url: str, log: Log, options: dict[str, Any] | None = None) -> tuple[StoreInfo, float]:
+    """Open the job's store (with the cluster file's storage options, which travel to the workers in the returned
+    StoreInfo), the default store ingested first from the default source if :func:`_to_ingest`."""
     t0 = time.perf_counter()
     if _to_ingest(url):
         from mnist_kmeans.data.ingest import ingest
@@ -213,7 +214,7 @@ def ensure_store(url: str, log: Log) -> tuple[StoreInfo, float]:
         source = default_source()
         ingest(source, url, log=log)
         log(f"ingested {source}/ into {url} (there was no complete store)")
-    return open_store(url), time.perf_counter() - t0
+    return open_store(url, options), time.perf_counter() - t0
 
 
 def check_job_against_data(job: JobConfig, job_file: str, info: StoreInfo) -> None:
@@ -558,7 +559,8 @@ def _write_samples(run_dir: Path, info: StoreInfo, gallery: dict[str, np.ndarray
     import zarr
 
     h, w = info.image_shape
-    images, labels = read_rows(info.url, "train", 0, min(9, info.n_train))  # nine rows: fine on the client
+    # nine rows: fine on the client
+    images, labels = read_rows(info.url, "train", 0, min(9, info.n_train), info.storage_options)
     path = run_dir / "samples.zarr"
     try:
         group = zarr.create_group(store=str(path), zarr_format=3, overwrite=True)

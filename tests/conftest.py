@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from mnist_kmeans.data.store import StoreInfo, open_store
-from tests.helpers import KGRID_STORE_ARGS, IdxDataset, QuietHTTPHandler, make_small_store
+from tests.helpers import (
+    KGRID_STORE_ARGS,
+    S3_PORTS,
+    IdxDataset,
+    QuietHTTPHandler,
+    S3Server,
+    free_port_range,
+    make_small_store,
+)
 
 
 @pytest.fixture
@@ -43,3 +51,14 @@ def kgrid_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdxDatas
 def store_info(kgrid_store: tuple[str, IdxDataset]) -> StoreInfo:
     """``open_store`` of the session's store."""
     return open_store(kgrid_store[0])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS S3 server on loopback for the session (scripts/s3-server.sh), with a bucket ``test``."""
+    server = S3Server(tmp_path_factory.mktemp("s3"), free_port_range(S3_PORTS)).start()
+    try:
+        server.filesystem().mkdir("test")
+        yield server
+    finally:
+        server.stop()

@@ -435,3 +435,75 @@ def assert_states_equal(a: ChainState, b: ChainState) -> None:
 def first_state(info, k: int, restart: int, params: FitParams) -> ChainState:
     """A chain's state before its first ``partial_fit``, as the job makes it: k-means++ on the job's sample."""
     return init_chain(draw_sample(info, params.init_rows(k, info.n_train), params.seed), k, restart, params)
+
+
+# --- an S3 server on loopback (tests/test_object_storage.py) ----------------------------------------------------------
+
+S3_PORTS = 14  # scripts/s3-server.sh: S3 on PORT, weed's other servers on PORT+1 .. PORT+13
+
+
+def free_port_range(n: int, low: int = 20_000, high: int = 50_000) -> int:
+    """A port ``p`` such that ``p .. p + n - 1`` are all free on 127.0.0.1 right now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(low, high - n)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports on 127.0.0.1")
+
+
+@dataclass
+class S3Server:
+    """SeaweedFS's S3 gateway started by ``scripts/s3-server.sh`` in ``root``: an admin identity (``key``/``secret``)
+    and a read-only one (``ro_key``, same secret). ``stop`` and ``start`` again keep the data (it is in ``root``)."""
+
+    root: Path
+    port: int
+    key: str = "mnist-test"
+    secret: str = "s3cr3t-never-shown-0a1b2c"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ro_key(self) -> str:
+        return f"{self.key}-ro"
+
+    def _script(self, *args: str) -> None:
+        env = {**os.environ, "S3_ACCESS_KEY": self.key, "S3_SECRET_KEY": self.secret}
+        subprocess.run(
+            ["bash", str(REPO_ROOT / "scripts" / "s3-server.sh"), *args], check=True, env=env, capture_output=True
+        )
+
+    def start(self) -> S3Server:
+        self._script("start", str(self.root), str(self.port))
+        return self
+
+    def stop(self) -> None:
+        self._script("stop", str(self.root))
+
+    def env(self, key: str | None = None, secret: str | None = None) -> dict[str, str]:
+        """The standard variables that give a process these credentials and this endpoint."""
+        return {
+            "AWS_ACCESS_KEY_ID": key or self.key,
+            "AWS_SECRET_ACCESS_KEY": secret or self.secret,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def options(self, key: str | None = None, secret: str | None = None) -> dict[str, str]:
+        """The same as fsspec storage options (a cluster file's ``storage:``)."""
+        return {"key": key or self.key, "secret": secret or self.secret, "endpoint_url": self.endpoint}
+
+    def filesystem(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options(), skip_instance_cache=True)

@@ -41,15 +41,19 @@ from mnist_kmeans.data.store import (
     CHECKSUM_ATTR,
     CLASS_NAMES_ATTR,
     LABEL_MAX_ATTR,
+    Options,
     StoreError,
     StoreInfo,
+    check_writer,
     chunk_checksum,
     create_split,
     create_store,
+    fsspec_options,
     is_complete,
     mark_complete,
     open_store,
     read_rows,
+    write_error,
 )
 from mnist_kmeans.errors import ClusterError, Log, UserError, one_line, to_stderr
 
@@ -104,25 +108,28 @@ def _read_source(info: StoreInfo, start: int, stop: int) -> tuple[np.ndarray, np
     """The source rows of augmented rows ``[start, stop)``, reading at most the chunk's worth (plus a wrap)."""
     n = info.n_train
     if stop - start >= n:  # a chunk longer than the source: read it all once, then repeat
-        images, labels = read_rows(info.url, "train", 0, n)
+        images, labels = read_rows(info.url, "train", 0, n, info.storage_options)
         idx = source_rows(start, stop, n)
         return images[idx], labels[idx]
     first = start % n
     if first + (stop - start) <= n:  # no wrap: one contiguous read
-        return read_rows(info.url, "train", first, first + stop - start)
-    head = read_rows(info.url, "train", first, n)
-    tail = read_rows(info.url, "train", 0, first + stop - start - n)
+        return read_rows(info.url, "train", first, first + stop - start, info.storage_options)
+    head = read_rows(info.url, "train", first, n, info.storage_options)
+    tail = read_rows(info.url, "train", 0, first + stop - start - n, info.storage_options)
     return np.concatenate([head[0], tail[0]]), np.concatenate([head[1], tail[1]])
 
 
-def _open_target(target: str) -> zarr.Group:
+def _open_target(target: str, options: Options) -> zarr.Group:
     # mode "r+": a worker that does not see the client's file system fails here instead of creating a stray store.
-    return zarr.open_group(store=target, mode="r+", use_consolidated=False)
+    return zarr.open_group(store=target, mode="r+", use_consolidated=False, **fsspec_options(target, options))
 
 
-def _write_chunk(target: str, split: str, start: int, images: np.ndarray, labels: np.ndarray) -> WrittenChunk:
-    """Write one whole chunk (also when it is all zeros) and return its sums."""
-    group = _open_target(target)
+def _write_chunk(
+    info: StoreInfo, target: str, split: str, start: int, images: np.ndarray, labels: np.ndarray
+) -> WrittenChunk:
+    """Write one whole chunk (also when it is all zeros) and return its sums; the new store is opened with the
+    source's storage options (one ``storage:`` section serves both)."""
+    group = _open_target(target, info.storage_options)
     with zarr.config.set({"array.write_empty_chunks": True}):
         group[f"{split}/images"][start : start + len(images)] = images
         group[f"{split}/labels"][start : start + len(labels)] = labels
@@ -135,13 +142,13 @@ def augment_chunk(info: StoreInfo, target: str, start: int, stop: int, seed: int
     images, labels = _read_source(info, start, stop)
     h, w = info.image_shape
     deformed = deform(images.reshape(-1, h, w), seed, start, params)
-    return _write_chunk(target, "train", start, deformed.reshape(stop - start, h * w), labels)
+    return _write_chunk(info, target, "train", start, deformed.reshape(stop - start, h * w), labels)
 
 
 def copy_test_chunk(info: StoreInfo, target: str, start: int, stop: int) -> WrittenChunk:
     """Task: copy test rows ``[start, stop)`` unchanged, one whole chunk."""
-    images, labels = read_rows(info.url, "test", start, stop)
-    return _write_chunk(target, "test", start, images, labels)
+    images, labels = read_rows(info.url, "test", start, stop, info.storage_options)
+    return _write_chunk(info, target, "test", start, images, labels)
 
 
 # --- the command ------------------------------------------------------------------------------------------------------
@@ -159,7 +166,8 @@ def augment_command(args: argparse.Namespace) -> StoreInfo:
         refuse_memory_store(url)
     cfg = load_cluster(args.cluster)
     # absolute: each chunk is read and written on a worker, whose working directory may be anywhere
-    with _planned(local_path_option(args.store), local_path_option(args.out), args.rows, args.seed) as plan:
+    stores = (local_path_option(args.store), local_path_option(args.out))
+    with _planned(*stores, args.rows, args.seed, options=cfg.storage) as plan:
         from mnist_kmeans.cluster import connect, wait_closed  # imports distributed: only once the inputs are good
 
         try:
@@ -179,6 +187,7 @@ def augment(
     client: Any,
     params: DeformParams = DEFAULT_PARAMS,
     log: Log = print,
+    storage_options: Options = None,
 ) -> StoreInfo:
     """Write a store whose training split is ``rows`` deformed digits of ``store``'s; return its description.
 
@@ -198,6 +207,9 @@ def augment(
         Strength of the deformation.
     log : callable, default=print
         Receives progress lines.
+    storage_options : dict or None, default=None
+        fsspec storage options of remote stores (both), sent to the workers with the tasks; ``None``: the standard
+        credentials.
 
     Raises
     ------
@@ -206,20 +218,24 @@ def augment(
     ClusterError
         The cluster was lost; the partial store is removed (local) or left incomplete (remote).
     """
-    with _planned(store, out, rows, seed, params) as plan:
+    with _planned(store, out, rows, seed, params, storage_options) as plan:
         return _build(plan, client, log)
 
 
 @contextlib.contextmanager
-def _planned(store: str, out: str, rows: int, seed: int, params: DeformParams = DEFAULT_PARAMS) -> Iterator[_Plan]:
+def _planned(
+    store: str, out: str, rows: int, seed: int, params: DeformParams = DEFAULT_PARAMS, options: Options = None
+) -> Iterator[_Plan]:
     """The checked plan, with ``--out`` claimed (``staging.claimed``) for as long as the caller builds it: a second
     augment or ingest into it is refused."""
-    plan = _check(store, out, rows, seed, params)
+    plan = _check(store, out, rows, seed, params, options)
     with claimed(plan.local, plan.out):  # only now: --out inside the source must not get a lock file there
         yield _check_target(plan)
 
 
-def _check(store: str, out: str, rows: int, seed: int, params: DeformParams = DEFAULT_PARAMS) -> _Plan:
+def _check(
+    store: str, out: str, rows: int, seed: int, params: DeformParams = DEFAULT_PARAMS, options: Options = None
+) -> _Plan:
     """Every refusal of exit code 2 (docs/contract.md) but those about what is at ``--out`` (:func:`_check_target`),
     before anything starts or is written."""
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
@@ -227,7 +243,7 @@ def _check(store: str, out: str, rows: int, seed: int, params: DeformParams = DE
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
     store, out = str(store), str(out)
-    source = open_store(store)  # messages name the store as the user wrote it
+    source = open_store(store, options)  # messages name the store as the user wrote it
     src_local = local_path(store)
     if src_local is not None:  # workers may run in another directory: hand them an absolute path
         source = dataclasses.replace(source, url=str(src_local))
@@ -240,7 +256,7 @@ def _check(store: str, out: str, rows: int, seed: int, params: DeformParams = DE
 
 def _check_target(plan: _Plan) -> _Plan:
     """Refuse a complete store (or anything not a store) at ``--out``; an incomplete one is rebuilt."""
-    existing = existing_store(plan.out, plan.local)
+    existing = existing_store(plan.out, plan.local, plan.source.storage_options)
     if existing is not None and is_complete(plan.out, existing):
         raise UserError(f"--out {plan.out}: a complete store is already there; will not overwrite it (remove it first)")
     return dataclasses.replace(plan, overwrite=plan.local is None and existing is not None)
@@ -265,8 +281,10 @@ def _build(plan: _Plan, client: Any, log: Log) -> StoreInfo:
         group = _create_empty(plan, target, attrs)
         checksums, label_max = _run_tasks(client, _tasks(plan, target, attrs["ingest_id"][:8]), plan, log)
         _check_labels(plan, label_max)
+        if plan.local is None:  # a remote store has no claim: still ours? (store.check_writer)
+            check_writer(plan.out, attrs["ingest_id"], plan.source.storage_options)
         mark_complete(group, {CHECKSUM_ATTR: checksums, LABEL_MAX_ATTR: label_max})
-    info = open_store(str(plan.local) if plan.local is not None else plan.out)
+    info = open_store(str(plan.local) if plan.local is not None else plan.out, plan.source.storage_options)
     seconds = time.perf_counter() - started
     log(
         f"augment: wrote {plan.out}: {info.n_train} deformed training rows from {plan.source.url} "
@@ -315,11 +333,11 @@ def _create_empty(plan: _Plan, target: str, attrs: dict[str, Any]) -> zarr.Group
     """The new group at ``target`` with its empty splits; a store that cannot be written is a UserError."""
     src = plan.source
     try:
-        group = create_store(target, attrs, overwrite=plan.overwrite)
+        group = create_store(target, attrs, overwrite=plan.overwrite, options=plan.source.storage_options)
         create_split(group, "train", plan.rows, src.n_features, src.chunk_rows)
         create_split(group, "test", src.n_test, src.n_features, src.chunk_rows)
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
-        raise UserError(f"{plan.out}: cannot write the store: {exc}") from None
+        raise write_error(plan.out, exc) from None
     return group
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import zarr
 
@@ -39,6 +40,7 @@ from mnist_kmeans.data.store import (
     CLASS_NAMES_ATTR,
     DEFAULT_CHUNK_ROWS,
     LABEL_MAX_ATTR,
+    Options,
     StoreInfo,
     chunk_checksum,
     is_complete,
@@ -78,6 +80,7 @@ def ingest(
     force: bool = False,
     log: Log = print,
     classes: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> StoreInfo:
     """Write the IDX files of ``source`` into the Zarr store ``store``; return the complete store's description.
 
@@ -96,6 +99,9 @@ def ingest(
         Receives one line per step (the command line sends them to stderr), once the ingest has succeeded.
     classes : str or None, default=None
         A file of class names, one per line in label order; ``None`` takes the source's ``classes`` file, if any.
+    storage_options : dict or None, default=None
+        fsspec storage options of a remote store (the cluster file's ``storage:``); ``None``: the standard
+        credentials (``AWS_*`` variables, ``~/.aws``).
 
     Raises
     ------
@@ -109,16 +115,18 @@ def ingest(
     # An error must be the only line on stderr (docs/contract.md, "Exit codes"): progress waits for success.
     progress: list[str] = []
     given = _Names(read_class_names(classes), classes) if classes is not None else None
-    info = _ingest(source, store, chunk_rows, force, progress.append, given)
+    info = _ingest(source, store, chunk_rows, force, progress.append, given, storage_options or {})
     for line in progress:
         log(line)
     return info
 
 
-def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: Log, given: _Names | None) -> StoreInfo:
+def _ingest(
+    source: str, store: str, chunk_rows: int | None, force: bool, log: Log, given: _Names | None, options: Options
+) -> StoreInfo:
     local = local_path(store)
     with claimed(local, store):  # before the target is read: a second ingest into it stops here, changing nothing
-        existing = existing_store(store, local)
+        existing = existing_store(store, local, options)
         with open_source(source) as src:
             names = given or _Names(src.class_names, src.class_names_from)
             layout = _check_layout(src)
@@ -126,14 +134,15 @@ def _ingest(source: str, store: str, chunk_rows: int | None, force: bool, log: L
             _check_chunk_bytes(src, layout, rows)
             # a `complete` that is neither true nor false is refused (is_complete) unless --force rebuilds anyway
             if existing is not None and not force and is_complete(store, existing):
-                return _keep_existing(store, src, chunk_rows, names, log)
+                return _keep_existing(store, src, chunk_rows, names, log, options)
             if existing is not None:
                 why = "it is incomplete" if existing.get("complete") is False else "--force"
                 log(f"ingest: rebuilding {store} ({why})")
             with staging(local, store, log) as target:
                 overwrite = local is None and existing is not None
-                _write(target, src, layout, rows, names, overwrite=overwrite, log=log, name=store)
-        info = open_store(store)
+                to = _Target(target, store, overwrite, options if local is None else None)
+                _write(to, src, layout, rows, names, log=log)
+        info = open_store(store, options)
     h, w = info.image_shape
     log(
         f"ingest: wrote {store}: {info.n_train} training and {info.n_test} test images of {h}x{w}, "
@@ -184,10 +193,12 @@ def _hxw(shape: tuple[int, ...]) -> str:
 # --- no-op or refuse ------------------------------------------------------------------------------------------------
 
 
-def _keep_existing(store: str, src: Source, chunk_rows: int | None, names: _Names, log: Log) -> StoreInfo:
+def _keep_existing(
+    store: str, src: Source, chunk_rows: int | None, names: _Names, log: Log, options: Options
+) -> StoreInfo:
     """A complete store is there and no ``force``: succeed without writing if it holds this very data (and, when
     class names are given, these names)."""
-    info = open_store(store)
+    info = open_store(store, options)
     if chunk_rows is not None and chunk_rows != info.chunk_rows:
         raise UserError(
             f"{store}: a complete store with chunks of {info.chunk_rows} rows is there; "
@@ -212,10 +223,25 @@ def _keep_existing(store: str, src: Source, chunk_rows: int | None, names: _Name
 # --- writing --------------------------------------------------------------------------------------------------------
 
 
-def _write(
-    target: str, src: Source, layout: _Layout, rows: int, names: _Names, overwrite: bool, log: Log, name: str
-) -> None:
-    """Stream the four files into a new store at ``target`` (``name`` in messages); ``complete: true`` comes last."""
+@dataclass(frozen=True)
+class _Target:
+    """Where :func:`_write` builds the store: ``url`` (the store or its temporary sibling), ``name`` for messages,
+    whether an incomplete remote store is rebuilt in place, and the storage options of a remote one."""
+
+    url: str
+    name: str
+    overwrite: bool
+    options: Options
+
+    def check_writer(self, ingest_id: str) -> None:
+        """A remote store: still the one this ingest created (``store.check_writer``); a local one is claimed."""
+        if self.options is not None:
+            store_layout.check_writer(self.url, ingest_id, self.options, self.name)
+
+
+def _write(to: _Target, src: Source, layout: _Layout, rows: int, names: _Names, log: Log) -> None:
+    """Stream the four files into a new store at ``to.url``; ``complete: true`` comes last, after a remote store was
+    checked to be still this ingest's own (before every split and before ``complete``)."""
     attrs = {
         "source": src.location,
         "image_shape": list(layout.image_shape),
@@ -223,9 +249,10 @@ def _write(
         "ingest_id": uuid.uuid4().hex,  # new on every build: caches of chunks key on it
     }
     try:
-        group = store_layout.create_store(target, attrs, overwrite=overwrite)
+        group = store_layout.create_store(to.url, attrs, overwrite=to.overwrite, options=to.options)
         md5, label_max, checksums = {}, {}, {}
         for split, (images_name, labels_name) in SPLIT_FILES.items():
+            to.check_writer(attrs["ingest_id"])
             images, labels = store_layout.create_split(group, split, layout.n_rows[split], layout.n_features, rows)
             _, images_crc = _copy(src.readers[images_name], rows, images)
             md5[images_name] = _finish_file(src, images_name, log)
@@ -240,9 +267,10 @@ def _write(
         if names.names is not None:
             check_count(names.where, names.names, n_classes)  # before complete: a wrong count leaves no store
             final[CLASS_NAMES_ATTR] = names.names
+        to.check_writer(attrs["ingest_id"])
         store_layout.mark_complete(group, final)
     except (OSError, NotImplementedError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
-        raise UserError(f"{name}: cannot write the store: {exc}") from None
+        raise store_layout.write_error(to.name, exc) from None
 
 
 def _copy(reader: IdxReader, rows: int, array: zarr.Array | None = None) -> tuple[int, list[int]]:

@@ -3,7 +3,9 @@
 Shared by ``ingest`` and ``augment``. A local store is built in ``<store>.tmp-<hex>`` and renamed into place only once
 complete, so an error or a kill leaves what was there untouched, and the next build removes the leftovers. A remote
 store (URL) is written in place: until ``complete: true`` is written it is incomplete, which ``open_store`` refuses.
-One writer at a time: a local store is claimed (:func:`claimed`) before anything at its path is read.
+One writer at a time: a local store is claimed (:func:`claimed`) before anything at its path is read; a remote one
+has no lock, and its writer checks that the store is still its own (``store.check_writer``) before marking it
+complete.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_kmeans.claim import lock_file, unlock_file
-from mnist_kmeans.data.store import FORMAT, is_remote, read_attrs
+from mnist_kmeans.data.store import FORMAT, Options, is_remote, read_attrs
 from mnist_kmeans.errors import Log, UserError
 
 
@@ -62,7 +64,7 @@ def _locked(lock: Path, store: str) -> int | None:
         return None
 
 
-def existing_store(store: str, local: Path | None) -> dict[str, Any] | None:
+def existing_store(store: str, local: Path | None, options: Options = None) -> dict[str, Any] | None:
     """The attributes of the mnist-kmeans store at the target, ``None`` when the target is free; refuse the rest."""
     nonempty_dir = False
     if local is not None and local.exists():
@@ -71,7 +73,7 @@ def existing_store(store: str, local: Path | None) -> dict[str, Any] | None:
         nonempty_dir = any(local.iterdir())
         if not nonempty_dir:
             return None
-    attrs = read_attrs(store)
+    attrs = read_attrs(store, options)
     if attrs is None:
         if nonempty_dir:
             raise UserError(f"{store}: exists and is not an mnist-kmeans store; will not overwrite it")

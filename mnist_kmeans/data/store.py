@@ -84,6 +84,9 @@ class StoreInfo:
     class_names: tuple[str, ...] | None = None
     # A store written by ``augment``: its attribute of that name (the source store, rows, seed, ...); else None.
     augmented_from: dict[str, Any] | None = None
+    # fsspec storage options of a remote store (the cluster file's ``storage:``), sent to the workers with every task
+    # that reads it. They may hold a secret: never shown (repr=False), never compared, never written anywhere.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def n_rows(self, split: str) -> int:
         return self.n_train if split == "train" else self.n_test
@@ -101,20 +104,31 @@ def is_remote(url: str) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
 
 
-def _open_group(url: str, mode: str = "r") -> zarr.Group:
+Options = dict[str, Any] | None  # fsspec storage options of a remote store; None or {}: the standard credentials
+
+
+def fsspec_options(url: str, options: Options) -> dict[str, Any]:
+    """The keyword ``storage_options=`` for zarr: ``options`` for a remote store, nothing for a local path (zarr
+    refuses storage options there)."""
+    return {"storage_options": dict(options)} if options and is_remote(url) else {}
+
+
+def _open_group(url: str, mode: str = "r", options: Options = None) -> zarr.Group:
     # use_consolidated=False: attributes (complete) change after creation, and a consolidated snapshot would hide that.
     # zarr_format=3: the layout is Zarr v3; a v2 group (whose codecs could name pickle) is not a store of ours.
-    return zarr.open_group(store=str(url), mode=mode, use_consolidated=False, zarr_format=3)
+    return zarr.open_group(
+        store=str(url), mode=mode, use_consolidated=False, zarr_format=3, **fsspec_options(url, options)
+    )
 
 
-def read_attrs(url: str) -> dict[str, Any] | None:
+def read_attrs(url: str, options: Options = None) -> dict[str, Any] | None:
     """The group attributes of the store at ``url``, or ``None`` when there is nothing there (or an empty directory).
 
     A local directory that holds something else (other files, a Zarr v2 group) is a UserError: nothing may be
     written over it, and nothing in it is read.
     """
     try:
-        return dict(_open_group(url).attrs)
+        return dict(_open_group(url, options=options).attrs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         local = None if is_remote(url) else Path(str(url).removeprefix("file://"))
         if local is not None and local.exists() and not local.is_dir():
@@ -122,18 +136,37 @@ def read_attrs(url: str) -> dict[str, Any] | None:
         if local is not None and local.is_dir() and any(local.iterdir()):
             raise UserError(f"{url}: exists and is not an mnist-kmeans store; will not overwrite it") from None
         return None
+    except PermissionError as exc:
+        if is_remote(url):
+            raise UserError(f"{url}: access denied ({one_line(exc, with_type=True)}); {CREDENTIALS_HINT}") from None
+        raise UserError(f"{url}: cannot open as a Zarr store: {one_line(exc, with_type=True)}") from None
     except Exception as exc:  # a file that is not Zarr, a bad URL, an unreadable directory
         raise UserError(f"{url}: cannot open as a Zarr store: {type(exc).__name__}: {exc}") from None
 
 
-def open_store(url: str) -> StoreInfo:
+# Where the credentials of a remote store come from (README, "Object storage"); said when they are refused.
+CREDENTIALS_HINT = (
+    "check the credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL), ~/.aws, "
+    "or the storage: section of the cluster file"
+)
+
+
+def write_error(name: str, exc: BaseException) -> UserError:
+    """The error for a store that cannot be written: a remote store whose credentials may only read says so."""
+    reason = one_line(exc, with_type=True)
+    if isinstance(exc, PermissionError) and is_remote(name):
+        return UserError(f"{name}: cannot write the store: access denied ({reason}): these credentials may not write")
+    return UserError(f"{name}: cannot write the store: {reason}")
+
+
+def open_store(url: str, options: Options = None) -> StoreInfo:
     """Open a complete store for reading; anything else is a UserError that says how to fix it.
 
     No attribute is trusted: each is checked against the arrays (docs/contract.md, "Store layout"), so a store that
     misdescribes itself is refused here, before any cluster starts, instead of failing in the middle of a run.
     """
     url = str(url)
-    attrs = read_attrs(url)
+    attrs = read_attrs(url, options)
     if attrs is None:
         raise UserError(f"{url}: no store there (run `mnist-kmeans ingest --store {url}` first)")
     if attrs.get("format") != FORMAT:
@@ -145,7 +178,7 @@ def open_store(url: str) -> StoreInfo:
             f"{url}: store is incomplete (an ingest was interrupted); run `mnist-kmeans ingest --store {url}` again"
         )
     try:
-        group = _open_group(url)
+        group = _open_group(url, options=options)
         arrays, n_features, chunk_rows = _checked_arrays(group)
     except Exception as exc:  # an array missing, of another kind or shape, metadata that does not parse
         raise UserError(f"{url}: not a valid mnist-kmeans store: {one_line(exc, with_type=True)}") from None
@@ -168,6 +201,7 @@ def open_store(url: str) -> StoreInfo:
         checksums=checked.checksums(info),
         class_names=checked.class_names(info.n_classes),
         augmented_from=checked.augmented_from(),
+        storage_options=dict(options or {}),
     )
 
 
@@ -341,25 +375,25 @@ def chunk_checksum(block: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(block, dtype=np.uint8).data)
 
 
-def _rows_of(url: str, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    group = _open_group(url)
+def _rows_of(url: str, split: str, start: int, stop: int, options: Options) -> tuple[np.ndarray, np.ndarray]:
+    group = _open_group(url, options=options)
     return group[f"{split}/images"][start:stop], group[f"{split}/labels"][start:stop]
 
 
-def read_rows(url: str, split: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+def read_rows(url: str, split: str, start: int, stop: int, options: Options = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``[start, stop)`` of a split as stored: uint8 images ``(n, H*W)`` and uint8 labels ``(n,)``."""
     try:
-        return _rows_of(url, split, start, stop)
+        return _rows_of(url, split, start, stop, options)
     except Exception as exc:
         reason = one_line(exc, with_type=True)
         raise StoreError(f"{url}: {split} rows {start}-{stop - 1}: cannot read: {reason}") from None
 
 
-def read_rows_at(url: str, split: str, rows: np.ndarray) -> np.ndarray:
+def read_rows_at(url: str, split: str, rows: np.ndarray, options: Options = None) -> np.ndarray:
     """The images of the given rows (sorted indices) of a split, as stored (uint8)."""
     rows = np.asarray(rows)
     try:
-        array = _open_group(url)[f"{split}/images"]
+        array = _open_group(url, options=options)[f"{split}/images"]
         return array.get_orthogonal_selection((rows, slice(None)))
     except Exception as exc:
         where = f"{url}: {split} rows"
@@ -382,11 +416,11 @@ def _chunk_where(info: StoreInfo, split: str, index: int) -> str:
     return f"{info.url}: {split} chunk {index} (rows {start}-{stop - 1})"
 
 
-def _chunk_exists(url: str, split: str, name: str, index: int) -> bool:
+def _chunk_exists(url: str, split: str, name: str, index: int, options: Options = None) -> bool:
     """Whether chunk ``index`` of ``split/name`` has an object in the store (Zarr reads a missing one as fill value)."""
     from zarr.core.sync import sync
 
-    array = _open_group(url)[f"{split}/{name}"]
+    array = _open_group(url, options=options)[f"{split}/{name}"]
     coords = (index,) + (0,) * (array.ndim - 1)
     return bool(sync((array.store_path / array.metadata.encode_chunk_key(coords)).exists()))
 
@@ -400,14 +434,15 @@ def verify_chunk(info: StoreInfo, split: str, index: int, images: np.ndarray, la
             if got != want:
                 what = (
                     "is missing from the store"
-                    if not _chunk_exists(info.url, split, name, index)
+                    if not _chunk_exists(info.url, split, name, index, info.storage_options)
                     else f"does not match its checksum (crc32 {got:08x}, ingest recorded {want:08x})"
                 )
                 raise StoreError(
                     f"{_chunk_where(info, split, index)}: the {name} chunk {what}: the store is damaged or was "
                     "changed after ingest; rebuild it (mnist-kmeans ingest --force, or augment again)"
                 )
-    elif not _chunk_exists(info.url, split, "images", index):  # labels: an all-zero chunk may legitimately be absent
+    elif not _chunk_exists(info.url, split, "images", index, info.storage_options):
+        # labels: an all-zero chunk may legitimately be absent
         raise StoreError(
             f"{_chunk_where(info, split, index)}: the images chunk is missing from the store; rebuild it "
             "(mnist-kmeans ingest --force: a store of this version also records a checksum of every chunk)"
@@ -442,7 +477,7 @@ def _read_verified(info: StoreInfo, split: str, index: int) -> tuple[np.ndarray,
     """Chunk ``index`` of a split as stored, checked by :func:`verify_chunk`; any failure is a StoreError."""
     start, stop = info.chunks(split)[index]
     try:
-        images, labels = _rows_of(info.url, split, start, stop)
+        images, labels = _rows_of(info.url, split, start, stop, info.storage_options)
         verify_chunk(info, split, index, images, labels)
     except StoreError:
         raise
@@ -465,10 +500,27 @@ def _read_verified(info: StoreInfo, split: str, index: int) -> tuple[np.ndarray,
 COMPRESSORS = (zarr.codecs.BloscCodec(cname="lz4hc", clevel=5, shuffle="noshuffle"),)
 
 
-def create_store(url: str, attributes: dict[str, Any], overwrite: bool = False) -> zarr.Group:
-    """A new group at ``url`` holding ``attributes``, marked ``complete: false`` until :func:`mark_complete`."""
+def create_store(url: str, attributes: dict[str, Any], overwrite: bool = False, options: Options = None) -> zarr.Group:
+    """A new group at ``url`` holding ``attributes``, marked ``complete: false`` until :func:`mark_complete`.
+
+    ``attributes["ingest_id"]``, new on every build, is also the writer's id: :func:`check_writer` reads it back.
+    """
     attrs = {"format": FORMAT, **attributes, "complete": False}
-    return zarr.create_group(store=str(url), zarr_format=3, attributes=attrs, overwrite=overwrite)
+    return zarr.create_group(
+        store=str(url), zarr_format=3, attributes=attrs, overwrite=overwrite, **fsspec_options(url, options)
+    )
+
+
+def check_writer(url: str, ingest_id: str, options: Options = None, name: str | None = None) -> None:
+    """Raise a UserError unless the store at ``url`` is still the incomplete one this writer created (its
+    ``ingest_id``): an object store has no rename and no lock, so a second ingest or augment into the same URL
+    rebuilds it in place, and the first must not then mark the mix complete (README, "Object storage")."""
+    attrs = read_attrs(url, options) or {}
+    if attrs.get("ingest_id") != ingest_id or attrs.get("complete") is not False:
+        raise UserError(
+            f"{name or url}: another ingest or augment wrote this store meanwhile; this one stopped without marking "
+            "it complete: run it again once the other has finished"
+        )
 
 
 def create_split(
