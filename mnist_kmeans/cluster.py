@@ -389,15 +389,21 @@ def _slurm(slurm: SlurmClusterConfig, patience: float) -> Iterator[tuple[Client,
         cluster.adapt(minimum=slurm.n_workers, maximum=slurm.n_workers)
         memory = _Memory(shorten(slurm.memory), "raise slurm.memory in the cluster file")
         with Client(cluster) as client, _quiet_client_logs():
-            try:
-                client.wait_for_workers(1, timeout=patience)
-            except Exception:
-                raise ClusterError(f"SLURM: no worker joined within {patience:g} s ({_jobs_state(cluster)})") from None
+            _wait_for_jobs(client, cluster, slurm.n_workers, patience)
             with _watched(client, patience, memory):
                 yield client, describe(client, embedded=False)
     finally:
         cluster.close()  # scancel of every job
         tornado_log.setLevel(level)
+
+
+def _wait_for_jobs(client: Client, cluster: Any, n_workers: int, patience: float) -> None:
+    """Up to ``patience`` seconds for all ``n_workers`` (the job starts on all it asked for when SLURM gives them
+    soon); after that, at least one, or a ClusterError saying what squeue says of the jobs."""
+    with contextlib.suppress(Exception):
+        client.wait_for_workers(n_workers, timeout=patience)
+    if not client.scheduler_info(n_workers=-1)["workers"]:
+        raise ClusterError(f"SLURM: no worker joined within {patience:g} s ({_jobs_state(cluster)})")
 
 
 def _start_slurm(slurm: SlurmClusterConfig) -> Any:
