@@ -191,3 +191,19 @@ def test_a_bad_slurm_section_exits_2_naming_the_key(setup: Setup) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{cluster}: slurm.walltime" in lines[0], lines
     assert not (setup.root / "run-bad").exists()
+
+
+def test_augment_on_slurm_workers_writes_the_bytes_of_the_embedded_cluster(slurm: str, setup: Setup) -> None:
+    cluster, logs = setup.cluster_file("augment", dashboard_address="127.0.0.1:0")
+    local = setup.root / "local-augment.yaml"  # one worker: another cluster shape, and still the same bytes
+    local.write_text(yaml.safe_dump({"local": {"n_workers": 1, "memory_limit": "1GiB", "dashboard_address": ":0"}}))
+    stores = {}
+    for name, file in (("slurm", cluster), ("local", local)):
+        out = setup.root / f"augmented-{name}.zarr"
+        args = ["augment", "--store", setup.store, "--out", str(out), "--rows", "300", "--cluster", str(file)]
+        proc = run_cli(*args, timeout=RUN_TIMEOUT, cwd=setup.root)
+        assert proc.returncode == 0, proc.stderr
+        stores[name] = zarr.open_group(str(out), mode="r")
+    assert np.array_equal(stores["slurm"]["train/images"][...], stores["local"]["train/images"][...])
+    assert len(job_ids(logs)) == 2  # the deformations were made on the SLURM jobs' workers
+    assert_jobs_leave(job_ids(logs))
