@@ -1,9 +1,15 @@
-"""connect(): a Client to the embedded LocalCluster of ``cluster.yaml``, or to a running scheduler (TCP or TLS).
+"""connect(): a Client to the embedded LocalCluster of ``cluster.yaml``, to a running scheduler (TCP or TLS), or to a
+dask-jobqueue SLURMCluster started for the block (``kind: slurm``).
 
 Exposure: the embedded cluster's scheduler and workers listen on 127.0.0.1 only, and its dashboard on the address of
 ``local.dashboard_address`` (default ``127.0.0.1:8787``; a bare ``:8787`` means every interface). A ``tls://``
 scheduler is joined with the CA, certificate and key of ``cluster.yaml``; without them, or with a certificate the
 scheduler does not trust, the connection is refused (exit 3) before any work is sent.
+
+SLURM: the scheduler runs in this process (on 127.0.0.1, or on ``slurm.interface``), each worker in a SLURM job
+that runs this environment's Python. The worker job is first checked with ``sbatch --test-only``, so that a request
+SLURM refuses is one line with its reason rather than a wait; ``adapt`` keeps ``n_workers``, replacing jobs that end.
+Every job is cancelled when the block ends, however it ends.
 
 Loss: a client that loses its scheduler tries to reconnect for ``connect_timeout`` seconds and then closes; every
 future it waits on fails, and ``run`` turns that into exit 3 with the ``--resume`` command. Distributed's own log
@@ -144,8 +150,9 @@ def describe(client: Client, embedded: bool) -> ClusterInfo:
 def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[Client, ClusterInfo]]:
     """A connected client and a description of its cluster; the embedded cluster is closed on exit.
 
-    ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler``. A scheduler that does not answer within
-    ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError` naming the address.
+    ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler`` and ``cfg.kind``. A scheduler that does
+    not answer within ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError`
+    naming the address.
     While the block runs, a :class:`_Watch` closes the client once no worker has been able to take tasks for
     ``cfg.connect_timeout`` seconds (see :func:`lost_cluster`). After a block that ended without an error, the
     embedded cluster closes in a background thread: call :func:`wait_closed` before the process ends.
