@@ -7,7 +7,7 @@
 #   bash scripts/slurm.sh status [DIR]   sinfo and squeue
 # Then `export SLURM_CONF=DIR/slurm.conf` (start prints it): sbatch, squeue and dask-jobqueue find this cluster.
 # No systemd, nothing in /etc/slurm: auth/none and cred/none (no munge), so it is for one trusted machine only.
-# The daemons listen on free ports; they run as the current user, and so do the jobs.
+# The daemons listen on free ports of 127.0.0.1 only; they run as the current user, and so do the jobs.
 set -euo pipefail
 cmd=${1:-}
 dir=$(realpath -m "${2:-/tmp/mnist-kmeans-slurm}")
@@ -56,6 +56,8 @@ KillWait=2
 MinJobAge=10
 SlurmdTimeout=30
 InactiveLimit=0
+# bind to the addresses above (127.0.0.1), not to every interface: auth/none trusts whoever connects
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 NodeName=$node NodeAddr=127.0.0.1 CPUs=2 RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 EOF
