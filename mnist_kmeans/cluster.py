@@ -1,9 +1,15 @@
-"""connect(): a Client to the embedded LocalCluster of ``cluster.yaml``, or to a running scheduler (TCP or TLS).
+"""connect(): a Client to the embedded LocalCluster of ``cluster.yaml``, to a running scheduler (TCP or TLS), or to a
+dask-jobqueue SLURMCluster started for the block (``kind: slurm``).
 
 Exposure: the embedded cluster's scheduler and workers listen on 127.0.0.1 only, and its dashboard on the address of
 ``local.dashboard_address`` (default ``127.0.0.1:8787``; a bare ``:8787`` means every interface). A ``tls://``
 scheduler is joined with the CA, certificate and key of ``cluster.yaml``; without them, or with a certificate the
 scheduler does not trust, the connection is refused (exit 3) before any work is sent.
+
+SLURM: the scheduler runs in this process (on 127.0.0.1, or on ``slurm.interface``), each worker in a SLURM job
+that runs this environment's Python. The worker job is first checked with ``sbatch --test-only``, so that a request
+SLURM refuses is one line with its reason rather than a wait; ``adapt`` keeps ``n_workers``, replacing jobs that end.
+Every job is cancelled when the block ends, however it ends.
 
 Loss: a client that loses its scheduler tries to reconnect for ``connect_timeout`` seconds and then closes; every
 future it waits on fails, and ``run`` turns that into exit 3 with the ``--resume`` command. Distributed's own log
@@ -40,7 +46,7 @@ from typing import Any
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from mnist_kmeans.config import ClusterConfig, LocalClusterConfig
+from mnist_kmeans.config import ClusterConfig, LocalClusterConfig, SlurmClusterConfig
 from mnist_kmeans.errors import ClusterError, one_line, shorten, to_stderr
 
 _closing: list[threading.Thread] = []  # embedded clusters closing in the background (see connect)
@@ -144,14 +150,17 @@ def describe(client: Client, embedded: bool) -> ClusterInfo:
 def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[Client, ClusterInfo]]:
     """A connected client and a description of its cluster; the embedded cluster is closed on exit.
 
-    ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler``. A scheduler that does not answer within
-    ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError` naming the address.
+    ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler`` and ``cfg.kind``. A scheduler that does
+    not answer within ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError`
+    naming the address.
     While the block runs, a :class:`_Watch` closes the client once no worker has been able to take tasks for
     ``cfg.connect_timeout`` seconds (see :func:`lost_cluster`). After a block that ended without an error, the
     embedded cluster closes in a background thread: call :func:`wait_closed` before the process ends.
     """
     address = scheduler or cfg.scheduler
-    if address is None:
+    if address is None and cfg.slurm is not None:
+        yield from _slurm(cfg.slurm, cfg.connect_timeout)
+    elif address is None:
         yield from _embedded(cfg.local, cfg.connect_timeout)
     else:
         yield from _remote(cfg, address)
@@ -366,6 +375,127 @@ def _children_stderr_to_devnull() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+# --- kind: slurm, a dask-jobqueue SLURMCluster started for the block ----------------------------------------------
+
+
+def _slurm(slurm: SlurmClusterConfig, patience: float) -> Iterator[tuple[Client, ClusterInfo]]:
+    """A SLURMCluster of ``n_workers`` workers kept at that number (``adapt``: a job that ends, e.g. ``scancel``, is
+    replaced), with its client; its jobs are cancelled when the block ends, however it ends."""
+    with interrupts_deferred() as interrupted:
+        cluster = _start_slurm(slurm)
+    # a submission that fails later (jobqueue retries it) logs a traceback there: the watch and squeue say it instead
+    tornado_log = logging.getLogger("tornado.application")
+    level = tornado_log.level
+    tornado_log.setLevel(logging.CRITICAL)
+    try:
+        if interrupted:
+            raise KeyboardInterrupt
+        _check_job(cluster)
+        cluster.adapt(minimum=slurm.n_workers, maximum=slurm.n_workers)
+        memory = _Memory(shorten(slurm.memory), "raise slurm.memory in the cluster file")
+        with Client(cluster) as client, _quiet_client_logs():
+            _wait_for_jobs(client, cluster, slurm.n_workers, patience)
+            with _watched(client, patience, memory):
+                yield client, describe(client, embedded=False)
+    finally:
+        cluster.close()  # scancel of every job
+        tornado_log.setLevel(level)
+
+
+def _wait_for_jobs(client: Client, cluster: Any, n_workers: int, patience: float) -> None:
+    """Up to ``patience`` seconds for all ``n_workers`` (the job starts on all it asked for when SLURM gives them
+    soon); after that, at least one, or a ClusterError saying what squeue says of the jobs."""
+    with contextlib.suppress(Exception):
+        client.wait_for_workers(n_workers, timeout=patience)
+    if not client.scheduler_info(n_workers=-1)["workers"]:
+        raise ClusterError(f"SLURM: no worker joined within {patience:g} s ({_jobs_state(cluster)})")
+
+
+def _start_slurm(slurm: SlurmClusterConfig) -> Any:
+    """The SLURMCluster's scheduler, started here, with no job yet; its failures are a one-line ClusterError."""
+    import sys
+
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ClusterError("kind: slurm needs dask-jobqueue: pip install 'mnist-kmeans[slurm]'") from None
+    # No interface: everything on loopback, for SLURM on this machine. With one, the scheduler and the workers listen
+    # on it: the compute nodes must reach the scheduler there.
+    host = {} if slurm.interface else {"host": "127.0.0.1"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cluster = SLURMCluster(
+                n_workers=0,
+                cores=slurm.cores,
+                processes=slurm.processes,
+                memory=slurm.memory,
+                walltime=slurm.walltime,
+                queue=slurm.queue,
+                account=slurm.account,
+                interface=slurm.interface,
+                job_extra_directives=list(slurm.job_extra_directives),
+                job_script_prologue=list(slurm.job_script_prologue),
+                log_directory=slurm.log_directory,
+                python=sys.executable,  # this environment's, with the package: the jobs run the same code
+                worker_extra_args=[] if slurm.interface else ["--host", "127.0.0.1"],
+                scheduler_options={**host, "dashboard_address": slurm.dashboard_address},
+                silence_logs=logging.CRITICAL,  # as the embedded cluster: `run` reports failed tasks in one line
+            )
+        except Exception as exc:  # a port taken, an interface this machine lacks ...
+            reason = one_line(exc, with_type=True)
+            raise ClusterError(f"cannot start the SLURM cluster's scheduler ({reason})") from None
+    for warning in caught:
+        to_stderr(f"notice: slurm cluster: {one_line(Exception(warning.message), limit=300)}")
+    return cluster
+
+
+def _check_job(cluster: Any) -> None:
+    """``sbatch --test-only`` of the worker job: a request SLURM can never satisfy (more memory or cores than a node
+    has, a partition that does not exist ...) is a ClusterError with SLURM's reason, before anything waits for it."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="mnist-kmeans-job-") as script:
+        script.write(cluster.job_script())
+        script.flush()
+        try:
+            proc = subprocess.run(["sbatch", "--test-only", script.name], capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise ClusterError("kind: slurm needs SLURM's sbatch on the PATH of this machine") from None
+        except subprocess.TimeoutExpired:
+            raise ClusterError("SLURM: sbatch --test-only gave no answer within 60 s") from None
+    if proc.returncode != 0:
+        reasons = [line.removeprefix("sbatch: error: ") for line in proc.stderr.splitlines() if line.strip()]
+        # what was asked: SLURM's reason may not say which of it is too much
+        asked = [line.removeprefix("#SBATCH ") for line in cluster.job_header.splitlines() if _asked(line)]
+        raise ClusterError(
+            f"SLURM refused the worker job ({shorten(' '.join(asked), 200)}): "
+            f"{shorten('; '.join(reasons) or 'no reason given', 300)}"
+        )
+
+
+def _asked(header_line: str) -> bool:
+    """An ``#SBATCH`` line of the job that asks for resources (not its name or its log files)."""
+    return header_line.startswith("#SBATCH ") and not header_line.startswith(("#SBATCH -J", "#SBATCH -e", "#SBATCH -o"))
+
+
+def _jobs_state(cluster: Any) -> str:
+    """The SLURM state of the cluster's jobs, as squeue says it, e.g. "job 12: PENDING (Resources)"."""
+    import subprocess
+
+    ids = [job.job_id for job in cluster.workers.values() if getattr(job, "job_id", None)]
+    if not ids:
+        return "no job submitted"
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(ids), "-o", "job %i: %T (%r)"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return shorten("; ".join(out.split("\n")).strip("; ") or f"jobs {', '.join(ids)} not in squeue", 300)
 
 
 # --- the watch: workers that cannot run the job ------------------------------------------------------------------

@@ -98,14 +98,42 @@ class LocalClusterConfig:
     processes: bool = True
 
 
+# --- SLURM (kind: slurm) ---
+@dataclass(frozen=True)
+class SlurmClusterConfig:
+    """Settings of the dask-jobqueue ``SLURMCluster`` that ``kind: slurm`` starts (docs/contract.md, "Cluster files").
+
+    ``n_workers`` Dask workers in jobs of ``cores`` cores, ``processes`` workers and ``memory`` each. ``interface``
+    None: scheduler and workers listen on 127.0.0.1 only (jobs on this machine, e.g. scripts/slurm.sh)."""
+
+    n_workers: int = 2
+    cores: int = 1
+    processes: int = 1
+    memory: str = "4GiB"
+    walltime: str = "01:00:00"
+    queue: str | None = None
+    account: str | None = None
+    interface: str | None = None
+    job_extra_directives: tuple[str, ...] = ()
+    job_script_prologue: tuple[str, ...] = ()
+    log_directory: str | None = None
+    dashboard_address: str = "127.0.0.1:8787"
+
+
+# --- end SLURM ---
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where a job runs: an address of a running scheduler, or the embedded LocalCluster (address ``None``)."""
+    """Where a job runs (``kind``): the embedded LocalCluster (``local``), a running scheduler at ``scheduler``
+    (``address``), or a SLURMCluster started for the job (``slurm``)."""
 
     scheduler: str | None = None
     connect_timeout: float = 10.0
     local: LocalClusterConfig = field(default_factory=LocalClusterConfig)
     tls: TLSConfig | None = None
+    kind: str = "local"
+    slurm: SlurmClusterConfig | None = None
     # fsspec storage options for remote stores (``storage:``); may hold secrets: never shown, never written anywhere
     storage: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -271,7 +299,7 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
             return ClusterConfig()
         path = DEFAULT_CLUSTER_FILE
     checker = _Checker(path, read_yaml_mapping(path))
-    checker.reject_unknown({"scheduler", "connect_timeout", "local", "tls", "storage"})
+    checker.reject_unknown({"scheduler", "connect_timeout", "local", "tls", "storage", "kind", "slurm"})
     scheduler = checker.text("scheduler")
     if scheduler is not None:
         try:
@@ -289,7 +317,17 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
     local = _local_section(checker.mapping("local"))
     tls = _tls_section(checker.mapping("tls"), Path(path).parent) if checker.data.get("tls") is not None else None
     storage = _storage_section(checker.mapping("storage"))
-    return ClusterConfig(scheduler=scheduler, connect_timeout=float(timeout), local=local, tls=tls, storage=storage)
+    kind = _kind(checker, scheduler)
+    slurm = _slurm_section(checker.mapping("slurm"), Path(path).parent) if kind == "slurm" else None
+    return ClusterConfig(
+        scheduler=scheduler,
+        connect_timeout=float(timeout),
+        local=local,
+        tls=tls,
+        kind=kind,
+        slurm=slurm,
+        storage=storage,
+    )
 
 
 def scheduler_address(text: str) -> str:
@@ -339,21 +377,22 @@ def _local_section(section: _Checker) -> LocalClusterConfig:
     )
 
 
-def _memory_limit(section: _Checker, default: str) -> str:
-    """``local.memory_limit``: bytes, or a size dask parses (``4GiB``), at least MIN_MEMORY_LIMIT; kept as given."""
+def _memory_limit(section: _Checker, default: str, key: str = "memory_limit", per_worker: int = 1) -> str:
+    """``local.memory_limit`` (or ``key``, a size shared by ``per_worker`` workers): bytes, or a size dask parses
+    (``4GiB``), at least MIN_MEMORY_LIMIT per worker; kept as given."""
     from dask.utils import parse_bytes
 
-    memory_limit = section.data.get("memory_limit", default)
-    wrong = section.fail("memory_limit", f"must be a size such as 4GiB, or bytes, got {_shown(memory_limit)}")
+    memory_limit = section.data.get(key, default)
+    wrong = section.fail(key, f"must be a size such as 4GiB, or bytes, got {_shown(memory_limit)}")
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, (str, int)):
         raise wrong
     try:
         size = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
     except (ValueError, TypeError, OverflowError):  # OverflowError: "1e400"
         raise wrong from None
-    if size < MIN_MEMORY_LIMIT:  # also a negative size, which parse_bytes takes ("-5GB")
+    if size < MIN_MEMORY_LIMIT * per_worker:  # also a negative size, which parse_bytes takes ("-5GB")
         raise section.fail(
-            "memory_limit",
+            key,
             f"must be at least {MIN_MEMORY_LIMIT >> 20} MiB per worker (a worker holds ~250 MiB before any data), "
             f"got {_shown(memory_limit)}",
         )
@@ -387,6 +426,81 @@ def _tls_section(section: _Checker, base: Path) -> TLSConfig:
             raise section.fail(key, f"file not found: {shorten(resolved, 300)}")
         files[key] = str(resolved)
     return TLSConfig(**files)
+
+
+# --- kind, and the slurm: section -----------------------------------------------------------------------------
+
+CLUSTER_KINDS = ("local", "address", "slurm")
+# What SLURM takes in an #SBATCH line: one word each, so that a value cannot end the line and add shell commands.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.,:@+=-]{1,128}")
+_WALLTIME = re.compile(r"([0-9]{1,4}-)?[0-9]{1,4}(:[0-5][0-9]){0,2}")  # MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS
+_INTERFACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _kind(checker: _Checker, scheduler: str | None) -> str:
+    """``kind``, checked against the sections it goes with; left out: ``address`` with a scheduler, else ``local``
+    (files written before there was a kind)."""
+    kind = checker.data.get("kind")
+    if kind is None:
+        kind = "local" if scheduler is None else "address"
+    elif kind not in CLUSTER_KINDS:
+        raise checker.fail("kind", f"must be one of {', '.join(CLUSTER_KINDS)}, got {_shown(kind)}")
+    if kind == "address" and scheduler is None:
+        raise checker.fail("scheduler", "missing (required with kind: address)")
+    if kind != "address" and scheduler is not None:
+        raise checker.fail("scheduler", f"set, but kind is {kind} (an address goes with kind: address)")
+    if kind != "slurm" and checker.data.get("slurm") is not None:
+        raise checker.fail("slurm", f"set, but kind is {kind} (the slurm section goes with kind: slurm)")
+    if kind == "slurm":
+        for key in ("local", "tls"):
+            if checker.data.get(key) is not None:
+                raise checker.fail(key, "not taken with kind: slurm (its settings are in the slurm section)")
+    return kind
+
+
+def _slurm_section(section: _Checker, base: Path) -> SlurmClusterConfig:
+    """The ``slurm:`` section: SLURMCluster settings, each defaulting to SlurmClusterConfig's."""
+    section.reject_unknown({f.name for f in dataclasses.fields(SlurmClusterConfig)})
+    d = SlurmClusterConfig()
+    cores = section.integer("cores", d.cores, minimum=1, maximum=4096)
+    processes = section.integer("processes", d.processes, minimum=1, maximum=cores)
+    log_directory = section.text("log_directory")
+    return SlurmClusterConfig(
+        n_workers=section.integer("n_workers", d.n_workers, minimum=1, maximum=1024),
+        cores=cores,
+        processes=processes,
+        memory=_memory_limit(section, d.memory, key="memory", per_worker=processes),
+        walltime=_matching(section, "walltime", _WALLTIME, "HH:MM:SS, D-HH:MM:SS or minutes", d.walltime),
+        queue=_matching(section, "queue", _SLURM_NAME, "a SLURM partition name"),
+        account=_matching(section, "account", _SLURM_NAME, "a SLURM account name"),
+        interface=_matching(section, "interface", _INTERFACE, "a network interface name such as ib0"),
+        job_extra_directives=_one_line_list(section, "job_extra_directives", must_start="-"),
+        job_script_prologue=_one_line_list(section, "job_script_prologue"),
+        log_directory=None if log_directory is None else os.path.abspath(base / os.path.expanduser(log_directory)),
+        dashboard_address=_dashboard_address(section, d.dashboard_address),
+    )
+
+
+def _matching(section: _Checker, key: str, pattern: re.Pattern, what: str, default: str | None = None) -> str | None:
+    value = section.data.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise section.fail(key, f"must be {what}, got {_shown(value)}")
+    return value
+
+
+def _one_line_list(section: _Checker, key: str, must_start: str = "") -> tuple[str, ...]:
+    """A list of one-line strings (lines of the job script), each starting with ``must_start``."""
+    value = section.data.get(key) or []
+    if not isinstance(value, list):
+        raise section.fail(key, f"must be a list of strings, got {_shown(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item.strip() or "\n" in item or "\r" in item:
+            raise section.fail(key, f"must hold one-line strings, got {_shown(item)}")
+        if not item.startswith(must_start):
+            raise section.fail(key, f"each must be an sbatch option starting with {must_start!r}, got {_shown(item)}")
+    return tuple(value)
 
 
 MAX_STORAGE_DEPTH = 3  # fsspec options nest a little (client_kwargs: {region_name: ...}); deeper is a mistake

@@ -15,6 +15,7 @@ from mnist_kmeans.config import (
     ClusterConfig,
     JobConfig,
     LocalClusterConfig,
+    SlurmClusterConfig,
     default_store,
     load_cluster,
     load_job,
@@ -320,6 +321,87 @@ BAD_CLUSTERS = [
 @pytest.mark.parametrize(("text", "words"), BAD_CLUSTERS)
 def test_bad_cluster(tmp_path: Path, text: str, words: list[str]) -> None:
     (tmp_path / "ca.pem").write_text("x")
+    path = write(tmp_path, text, "cluster.yaml")
+    with pytest.raises(UserError) as exc:
+        load_cluster(path)
+    assert_user_error(exc, path, *words)
+
+
+# --- kind, and the slurm: section ---------------------------------------------------------------------------------
+
+SLURM = "kind: slurm\nslurm:\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "check"),
+    [
+        ("kind: local\n", lambda c: c.kind == "local" and c.scheduler is None and c.slurm is None),
+        ("{}\n", lambda c: c.kind == "local"),  # a file from before there was a kind
+        ("scheduler: tcp://h:8786\n", lambda c: c.kind == "address"),  # the same
+        ("kind: address\nscheduler: tcp://h:8786\n", lambda c: (c.kind, c.scheduler) == ("address", "tcp://h:8786")),
+        ("kind: slurm\n", lambda c: c.kind == "slurm" and c.slurm == SlurmClusterConfig()),
+        (
+            SLURM + "  n_workers: 4\n  cores: 4\n  processes: 2\n  memory: 8GB\n  walltime: '1-00:30:00'\n"
+            "  queue: gpu\n  account: proj-7\n  interface: ib0\n  job_extra_directives: ['--exclusive', '-C avx2']\n"
+            "  job_script_prologue: ['module load python']\n  dashboard_address: '127.0.0.1:0'\n",
+            lambda c: (
+                c.slurm
+                == SlurmClusterConfig(
+                    4,
+                    4,
+                    2,
+                    "8GB",
+                    "1-00:30:00",
+                    "gpu",
+                    "proj-7",
+                    "ib0",
+                    ("--exclusive", "-C avx2"),
+                    ("module load python",),
+                    None,
+                    "127.0.0.1:0",
+                )
+            ),
+        ),
+        (SLURM + "  walltime: '30'\n", lambda c: c.slurm.walltime == "30"),
+    ],
+)
+def test_cluster_kinds(tmp_path: Path, text: str, check) -> None:
+    assert check(load_cluster(write(tmp_path, text)))
+
+
+def test_slurm_log_directory_is_relative_to_the_file(tmp_path: Path) -> None:
+    cfg = load_cluster(write(tmp_path, SLURM + "  log_directory: logs\n"))
+    assert cfg.slurm is not None and cfg.slurm.log_directory == str(tmp_path / "logs")
+
+
+BAD_KINDS = [
+    ("kind: kubernetes\n", ["kind", "local, address, slurm"]),
+    ("kind: address\n", ["scheduler", "required with kind: address"]),
+    ("kind: local\nscheduler: tcp://h:8786\n", ["scheduler", "kind is local"]),
+    ("kind: slurm\nscheduler: tcp://h:8786\n", ["scheduler", "kind is slurm"]),
+    ("slurm: {cores: 2}\n", ["slurm", "kind is local"]),
+    ("kind: slurm\nlocal: {n_workers: 2}\n", ["local", "kind: slurm"]),
+    (SLURM + "  nodes: 2\n", ["slurm.nodes", "unknown key"]),
+    (SLURM + "  n_workers: 0\n", ["slurm.n_workers"]),
+    (SLURM + "  cores: 2\n  processes: 3\n", ["slurm.processes", "<= 2"]),
+    (SLURM + "  memory: lots\n", ["slurm.memory"]),
+    (SLURM + "  processes: 2\n  cores: 2\n  memory: 800MiB\n", ["slurm.memory", "at least 512 MiB"]),
+    (SLURM + "  walltime: 'an hour'\n", ["slurm.walltime"]),
+    (SLURM + "  walltime: 30\n", ["slurm.walltime"]),  # a YAML number: sexagesimal surprises (1:30 is 90)
+    (SLURM + '  queue: "debug\\n#SBATCH --mem=1T"\n', ["slurm.queue"]),  # would add a line to the job script
+    (SLURM + "  account: 'a b'\n", ["slurm.account"]),
+    (SLURM + "  interface: 'eth0; rm -rf ~'\n", ["slurm.interface"]),
+    (SLURM + "  job_extra_directives: --exclusive\n", ["slurm.job_extra_directives", "list"]),
+    (SLURM + "  job_extra_directives: ['exclusive']\n", ["slurm.job_extra_directives", "'-'"]),
+    (SLURM + '  job_extra_directives: ["-x\\nhostname"]\n', ["slurm.job_extra_directives", "one-line"]),
+    (SLURM + "  job_script_prologue: [3]\n", ["slurm.job_script_prologue"]),
+    (SLURM + "  dashboard_address: garbage\n", ["slurm.dashboard_address"]),
+    ("kind: slurm\nslurm: [2]\n", ["slurm"]),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_KINDS)
+def test_bad_kind_or_slurm_section(tmp_path: Path, text: str, words: list[str]) -> None:
     path = write(tmp_path, text, "cluster.yaml")
     with pytest.raises(UserError) as exc:
         load_cluster(path)
