@@ -207,3 +207,29 @@ def test_augment_on_slurm_workers_writes_the_bytes_of_the_embedded_cluster(slurm
     assert np.array_equal(stores["slurm"]["train/images"][...], stores["local"]["train/images"][...])
     assert len(job_ids(logs)) == 2  # the deformations were made on the SLURM jobs' workers
     assert_jobs_leave(job_ids(logs))
+
+
+def test_store_on_s3_workers_from_slurm_together(
+    slurm: str, setup: Setup, embedded_finals: dict[int, np.ndarray], s3_server
+) -> None:
+    """The issue's whole path: the store in object storage, the workers SLURM jobs, the credentials only in the
+    cluster file's ``storage:`` section (the jobs get them with the tasks). Same centroids as the embedded cluster
+    on a local store of the same data, and the secret in no file of the run directory nor any output."""
+    cluster, logs = setup.cluster_file("s3", dashboard_address="127.0.0.1:0")
+    text = yaml.safe_load(cluster.read_text())
+    cluster.write_text(yaml.safe_dump({**text, "storage": s3_server.options()}))
+    url = "s3://test/slurm-run.zarr"
+    source = ["--source", str(setup.root / "idx"), "--chunk-rows", "64"]  # as make_small_store chunks it
+    ingest = run_cli("ingest", *source, "--store", url, "--cluster", str(cluster))
+    assert ingest.returncode == 0, ingest.stderr
+    run_dir = setup.root / "run-s3-slurm"
+    args = ["run", str(setup.job), "--cluster", str(cluster), "--store", url, "--out", str(run_dir)]
+    proc = run_cli(*args, timeout=RUN_TIMEOUT, cwd=setup.root)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_centroids(finals(run_dir), embedded_finals)
+    secret = s3_server.secret
+    assert secret not in proc.stdout + proc.stderr + ingest.stderr
+    written = [p for root in (run_dir, logs) for p in root.rglob("*") if p.is_file()]  # the jobs' logs too
+    leaked = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    assert_jobs_leave(job_ids(logs))
