@@ -16,11 +16,8 @@ future it waits on fails, and ``run`` turns that into exit 3 with the ``--resume
 records in this process are kept to errors, and its "Failed to reconnect ..." is dropped, so that the error stays
 one line.
 
-Workers that cannot run the job: while the block of :func:`connect` runs, a thread watches the scheduler's workers.
-When none of them can take a task (all paused at the memory pause threshold, or, on the embedded cluster or after
-memory restarts, none there at all) for ``connect_timeout`` seconds, it closes the client, so that every wait on the
-cluster fails at once instead of forever; :func:`lost_cluster` then says why. Tasks that died with workers which
-exceeded their memory limit (the nanny's ``worker-restart-memory`` events) are said to be that, with what to raise.
+Workers that cannot run the job: while the block of :func:`connect` runs, :mod:`mnist_kmeans.watch` watches them
+and ends the wait on a cluster where none can take a task; ``watch.lost_cluster`` says why.
 
 Ctrl-C: the embedded cluster's start is not cut in half (a half-started ``LocalCluster`` fails distributed's atexit
 handlers with tracebacks): an interrupt then is raised once it has started, and closes it. Its worker processes
@@ -36,7 +33,6 @@ import logging
 import os
 import signal
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,54 +44,9 @@ from distributed.security import Security
 
 from mnist_kmeans.config import ClusterConfig, LocalClusterConfig, SlurmClusterConfig
 from mnist_kmeans.errors import ClusterError, one_line, shorten, to_stderr
+from mnist_kmeans.watch import Memory, Watch, watched
 
 _closing: list[threading.Thread] = []  # embedded clusters closing in the background (see connect)
-_watches: list[_Watch] = []  # one per open connect block
-WATCH_PERIOD = 1.0  # seconds between two looks at the scheduler's workers
-MEMORY_EVENTS = "worker-restart-memory"  # the topic of a nanny's "exceeded 95% memory budget. Restarting"
-
-
-@dataclass(frozen=True)
-class Lost:
-    """How the cluster was lost (``str()``), and ``fix``: what to change first when the same cluster would fail the
-    same way again (None: resuming on any cluster helps)."""
-
-    how: str
-    fix: str | None = None
-
-    def __str__(self) -> str:
-        return self.how
-
-
-def lost_cluster(exc: BaseException, client: Client | None = None) -> Lost | None:
-    """How the cluster was lost, if ``exc`` (raised while waiting on futures) means it was; else None.
-
-    Lost: the watch of :func:`connect` found no worker able to run tasks (its verdict comes first: it closed the
-    client), the client lost its scheduler (whatever surfaced first), a task outlived the workers that died under it
-    (``KilledWorker``; said to be memory when their nannies restarted them for it), a comm failed or timed out, or
-    the futures were cancelled under us.
-    """
-    from distributed.client import FutureCancelledError
-    from distributed.scheduler import KilledWorker
-
-    watch = _watch_of(client)
-    if watch is not None and watch.verdict is not None:
-        return watch.verdict
-    if client is not None and getattr(client, "status", "running") not in ("running", "connecting"):
-        return Lost(f"lost the scheduler ({one_line(exc, with_type=True, limit=200)})")
-    if isinstance(exc, KilledWorker) and watch is not None and watch.memory_restarts():
-        return watch.out_of_memory()
-    if isinstance(exc, (KilledWorker, FutureCancelledError, OSError, TimeoutError)):  # CommClosedError is an OSError
-        return Lost(f"lost the cluster ({one_line(exc, with_type=True, limit=200)})")
-    return None
-
-
-def _watch_of(client: Client | None) -> _Watch | None:
-    """The watch of ``client``'s connect block (with None: of the one open block, as augment has)."""
-    for watch in _watches:
-        if client is None or watch.client is client:
-            return watch
-    return None
 
 
 def wait_closed() -> None:
@@ -153,9 +104,10 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
     ``scheduler`` (the ``--scheduler`` option) overrides ``cfg.scheduler`` and ``cfg.kind``. A scheduler that does
     not answer within ``cfg.connect_timeout`` seconds, or that has no worker by then, is a :class:`ClusterError`
     naming the address.
-    While the block runs, a :class:`_Watch` closes the client once no worker has been able to take tasks for
-    ``cfg.connect_timeout`` seconds (see :func:`lost_cluster`). After a block that ended without an error, the
-    embedded cluster closes in a background thread: call :func:`wait_closed` before the process ends.
+    While the block runs, a :class:`~mnist_kmeans.watch.Watch` closes the client once no worker has been able to
+    take tasks for ``cfg.connect_timeout`` seconds (see :func:`mnist_kmeans.watch.lost_cluster`). After a block that
+    ended without an error, the embedded cluster closes in a background thread: call :func:`wait_closed` before the
+    process ends.
     """
     address = scheduler or cfg.scheduler
     if address is None and cfg.slurm is not None:
@@ -191,11 +143,11 @@ def _remote(cfg: ClusterConfig, address: str) -> Iterator[tuple[Client, ClusterI
             try:
                 client.wait_for_workers(1, timeout=cfg.connect_timeout)
             except Exception:
-                why = _Watch(client, cfg.connect_timeout, _remote_memory(client)).why_no_worker()
+                why = Watch(client, cfg.connect_timeout, _remote_memory(client)).why_no_worker()
                 raise ClusterError(
                     f"{address}: the scheduler has no worker able to run tasks after {cfg.connect_timeout:g} s{why}"
                 ) from None
-            with _watched(client, cfg.connect_timeout, _remote_memory(client)):
+            with watched(client, cfg.connect_timeout, _remote_memory(client)):
                 yield client, describe(client, embedded=False)
         finally:
             # a client whose scheduler is gone may fail to close cleanly: nothing is left to release
@@ -203,7 +155,7 @@ def _remote(cfg: ClusterConfig, address: str) -> Iterator[tuple[Client, ClusterI
                 client.close(timeout=cfg.connect_timeout)
 
 
-def _remote_memory(client: Client) -> _Memory:
+def _remote_memory(client: Client) -> Memory:
     """The memory limits of a remote scheduler's workers, as the scheduler reports them."""
     from dask.utils import format_bytes
 
@@ -212,7 +164,7 @@ def _remote_memory(client: Client) -> _Memory:
     except Exception:  # a scheduler gone already: the error is said elsewhere
         workers = []
     limits = sorted({format_bytes(w["memory_limit"]) for w in workers if w.get("memory_limit")})
-    return _Memory(", ".join(limits) or "their --memory-limit", "give the workers more memory (--memory-limit)")
+    return Memory(", ".join(limits) or "their --memory-limit", "give the workers more memory (--memory-limit)")
 
 
 def _join(cfg: ClusterConfig, address: str) -> Client:
@@ -294,8 +246,8 @@ def _local(local: LocalClusterConfig, patience: float) -> Iterator[tuple[Client,
     try:
         if interrupted:
             raise KeyboardInterrupt
-        memory = _Memory(shorten(local.memory_limit), "raise local.memory_limit in the cluster file")
-        with Client(cluster) as client, _watched(client, patience, memory, embedded=True):
+        memory = Memory(shorten(local.memory_limit), "raise local.memory_limit in the cluster file")
+        with Client(cluster) as client, watched(client, patience, memory, embedded=True):
             yield client, describe(client, embedded=True)
     except BaseException:
         cluster.close()
@@ -394,10 +346,10 @@ def _slurm(slurm: SlurmClusterConfig, patience: float) -> Iterator[tuple[Client,
             raise KeyboardInterrupt
         _check_job(cluster)
         cluster.adapt(minimum=slurm.n_workers, maximum=slurm.n_workers)
-        memory = _Memory(shorten(slurm.memory), "raise slurm.memory in the cluster file")
+        memory = Memory(shorten(slurm.memory), "raise slurm.memory in the cluster file")
         with Client(cluster) as client, _quiet_client_logs():
             _wait_for_jobs(client, cluster, slurm.n_workers, patience)
-            with _watched(client, patience, memory):
+            with watched(client, patience, memory):
                 yield client, describe(client, embedded=False)
     finally:
         cluster.close()  # scancel of every job
@@ -496,114 +448,3 @@ def _jobs_state(cluster: Any) -> str:
     except (OSError, subprocess.TimeoutExpired):
         out = ""
     return shorten("; ".join(out.split("\n")).strip("; ") or f"jobs {', '.join(ids)} not in squeue", 300)
-
-
-# --- the watch: workers that cannot run the job ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Memory:
-    """What to say of the workers' memory: their limit, and how to give them more."""
-
-    limit: str
-    fix: str
-
-
-@contextmanager
-def _watched(client: Client, patience: float, memory: _Memory, embedded: bool = False) -> Iterator[None]:
-    """A :class:`_Watch` on ``client`` for the block."""
-    watch = _Watch(client, patience, memory, embedded)
-    _watches.append(watch)
-    watch.start()
-    try:
-        yield
-    finally:
-        watch.stop()
-        _watches.remove(watch)
-
-
-class _Watch:
-    """Looks at the scheduler's workers every second from a thread; when no worker has been able to take a task for
-    ``patience`` seconds, records why in ``verdict`` and closes the client, which fails every wait on it.
-
-    Able: status ``running``. Not: ``paused`` (memory above distributed's pause threshold; without a nanny, or
-    below its terminate threshold, nothing ends that), or no worker at all, which counts only on the embedded
-    cluster (nothing else adds workers to it) or after memory restarts: a remote cluster may be scaling up.
-    """
-
-    def __init__(self, client: Client, patience: float, memory: _Memory, embedded: bool = False):
-        self.client, self.patience, self.memory, self.embedded = client, patience, memory, embedded
-        self.verdict: Lost | None = None
-        self._since = self._last_memory_event()  # restarts before this job are not its own
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mnist-kmeans-watch", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        able_at = time.monotonic()
-        while not self._done.wait(WATCH_PERIOD):
-            try:
-                workers = self.client.scheduler_info(n_workers=-1)["workers"]
-            except Exception:  # the client closed or lost its scheduler: whoever waits on it fails already
-                return
-            if self._able(workers):
-                able_at = time.monotonic()
-            elif time.monotonic() - able_at >= self.patience and not self._done.is_set():
-                self.verdict = self._why(workers)
-                with contextlib.suppress(Exception):
-                    self.client.close(timeout=self.patience)
-                return
-
-    def _able(self, workers: dict[str, dict]) -> bool:
-        if any(w.get("status") == "running" for w in workers.values()):
-            return True
-        return not workers and not self.embedded and not self.memory_restarts()
-
-    def _why(self, workers: dict[str, dict]) -> Lost:
-        if self.memory_restarts():
-            return self.out_of_memory()
-        if workers:
-            return Lost(
-                f"every worker has been paused for {self.patience:g} s: its memory is above the pause threshold of "
-                f"its limit ({self.memory.limit})",
-                self.memory.fix,
-            )
-        return Lost(f"no worker left for {self.patience:g} s")
-
-    def why_no_worker(self) -> str:
-        """What keeps a scheduler's workers from registering as able, as "": none, or ": <reason>"."""
-        try:
-            workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        except Exception:
-            return ""
-        if self.memory_restarts(since=0.0):
-            return f": {self.out_of_memory(since=0.0).how}; {self.memory.fix}"
-        paused = sum(w.get("status") == "paused" for w in workers.values())
-        return f": {paused} paused (memory above their pause threshold); {self.memory.fix}" if paused else ""
-
-    def out_of_memory(self, since: float | None = None) -> Lost:
-        n = self.memory_restarts(since)
-        return Lost(
-            f"workers exceeded their memory limit ({self.memory.limit}) and were restarted ({n} times)", self.memory.fix
-        )
-
-    def memory_restarts(self, since: float | None = None) -> int:
-        """How many times a nanny restarted its worker for memory since the watch began (or since ``since``)."""
-        since = self._since if since is None else since
-        return sum(t > since for t, _ in self._memory_events())
-
-    def _last_memory_event(self) -> float:
-        return max((t for t, _ in self._memory_events()), default=0.0)
-
-    def _memory_events(self) -> list[tuple[float, Any]]:
-        try:
-            return list(self.client.get_events(MEMORY_EVENTS))
-        except Exception:  # the client closed or lost its scheduler
-            return []

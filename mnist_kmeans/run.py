@@ -667,10 +667,10 @@ def _one_line_errors(session: ClusterRun) -> Iterator[None]:
 def _raise_cluster_or_data_error(exc: Exception, run: JobRun, client: Client | None = None) -> None:
     """Turn what a lost cluster raises into a ClusterError that says how to resume; leave other errors alone.
 
-    The cluster is lost as :func:`mnist_kmeans.cluster.lost_cluster` says. A file system error of the run
+    The cluster is lost as :func:`mnist_kmeans.watch.lost_cluster` says. A file system error of the run
     directory is not a lost cluster: the checkpoint and ``files.py`` already raise it as a UserError.
     """
-    from mnist_kmeans.cluster import lost_cluster
+    from mnist_kmeans.watch import lost_cluster
 
     _raise_our_cause(exc)
     if _is_write_error(exc, run.run_dir):

@@ -442,7 +442,7 @@ def _translated(exc: BaseException, plan: _Plan) -> UserError | ClusterError | N
     UserError, a lost cluster a ClusterError; anything else (None) is re-raised as it is."""
     from distributed.comm.core import CommClosedError
 
-    from mnist_kmeans.cluster import lost_cluster
+    from mnist_kmeans.watch import lost_cluster
 
     # A worker's OSError is about a store; a comm's (CommClosedError, TimeoutError: OSErrors too) about the cluster.
     comm_failure = isinstance(exc, (CommClosedError, TimeoutError))
