@@ -26,6 +26,8 @@ from tests.helpers import REPO_ROOT, LiveRun, chain_progress, make_small_store, 
 SLURM_SCRIPT = REPO_ROOT / "scripts" / "slurm.sh"
 K_GRID = (4, 6)
 JOB = {"name": "slurm-test", "k_grid": list(K_GRID), "epochs": 12, "batch_size": 100, "n_init": 2, "seed": 3}
+# Long enough that a cancelled job is replaced (a second to notice, a few to start one) while the fit goes on.
+LONG_JOB = {**JOB, "name": "slurm-long", "epochs": 80}
 RUN_TIMEOUT = 180
 # A lost worker's job is replaced once distributed has given up on the worker (default 15 s): sooner, for the test.
 FAST_REPLACE = {"DASK_DISTRIBUTED__DEPLOY__LOST_WORKER_TIMEOUT": "1s"}
@@ -64,6 +66,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class Setup:
     root: Path
     job: Path
+    long_job: Path
     store: str
 
     def cluster_file(self, name: str, **slurm: object) -> tuple[Path, Path]:
@@ -75,28 +78,34 @@ class Setup:
         path.write_text(yaml.safe_dump(text))
         return path, logs
 
-    def args(self, cluster: Path, run_dir: Path) -> list[str]:
-        return ["run", str(self.job), "--cluster", str(cluster), "--store", self.store, "--out", str(run_dir)]
+    def args(self, cluster: Path, run_dir: Path, job: Path | None = None) -> list[str]:
+        job_file = str(job or self.job)
+        return ["run", job_file, "--cluster", str(cluster), "--store", self.store, "--out", str(run_dir)]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     root = tmp_path_factory.mktemp("slurm-runs")
     store, _ = make_small_store(root)
-    job = root / "job.yaml"
+    job, long_job = root / "job.yaml", root / "long.yaml"
     job.write_text(yaml.safe_dump(JOB))
-    return Setup(root, job, store)
+    long_job.write_text(yaml.safe_dump(LONG_JOB))
+    return Setup(root, job, long_job, store)
+
+
+def embedded_run(setup: Setup, name: str, job: Path | None = None) -> dict[int, np.ndarray]:
+    """A job's final centroids on the embedded LocalCluster (two worker processes, as the SLURM runs have)."""
+    cluster = setup.root / "local.yaml"
+    cluster.write_text(yaml.safe_dump({"local": {"n_workers": 2, "memory_limit": "1GiB", "dashboard_address": ":0"}}))
+    run_dir = setup.root / name
+    proc = run_cli(*setup.args(cluster, run_dir, job), timeout=RUN_TIMEOUT, cwd=setup.root)
+    assert proc.returncode == 0, proc.stderr
+    return finals(run_dir)
 
 
 @pytest.fixture(scope="module")
 def embedded_finals(setup: Setup) -> dict[int, np.ndarray]:
-    """The job's final centroids on the embedded LocalCluster (two worker processes, as the SLURM runs have)."""
-    cluster = setup.root / "local.yaml"
-    cluster.write_text(yaml.safe_dump({"local": {"n_workers": 2, "memory_limit": "1GiB", "dashboard_address": ":0"}}))
-    run_dir = setup.root / "run-local"
-    proc = run_cli(*setup.args(cluster, run_dir), timeout=RUN_TIMEOUT, cwd=setup.root)
-    assert proc.returncode == 0, proc.stderr
-    return finals(run_dir)
+    return embedded_run(setup, "run-local")
 
 
 def finals(run_dir: Path) -> dict[int, np.ndarray]:
@@ -146,19 +155,17 @@ def test_slurm_workers_give_the_centroids_of_the_embedded_cluster(
     assert_jobs_leave(ids)  # run closed its cluster: no job left behind
 
 
-def test_a_cancelled_worker_job_is_replaced_and_the_centroids_stay(
-    slurm: str, setup: Setup, embedded_finals: dict[int, np.ndarray]
-) -> None:
+def test_a_cancelled_worker_job_is_replaced_and_the_centroids_stay(slurm: str, setup: Setup) -> None:
     cluster, logs = setup.cluster_file("scancel", dashboard_address="127.0.0.1:0")
     run_dir = setup.root / "run-scancel"
-    live = LiveRun.start(setup.args(cluster, run_dir), setup.root / "scancel-run", env=FAST_REPLACE)
+    live = LiveRun.start(setup.args(cluster, run_dir, setup.long_job), setup.root / "scancel-run", env=FAST_REPLACE)
     try:
         assert live.wait_for_epoch(run_dir, timeout=RUN_TIMEOUT), "the run ended before its first epoch"
         first = job_ids(logs)
         assert len(first) == 2, first
         victim = min(first)
         subprocess.run(["scancel", victim], check=True, timeout=30)
-        unfinished = [k for k, (e, _) in chain_progress(run_dir).items() if e < JOB["epochs"]]
+        unfinished = [k for k, (e, _) in chain_progress(run_dir).items() if e < LONG_JOB["epochs"]]
         deadline = time.monotonic() + 60
         while not job_ids(logs) - first and live.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -168,7 +175,7 @@ def test_a_cancelled_worker_job_is_replaced_and_the_centroids_stay(
     assert unfinished, "the fit was done before the scancel: make the job longer"
     assert replaced, f"no job replaced the cancelled {victim} while the run went on (exit {code}: {err})"
     assert code == 0, err
-    assert_same_centroids(finals(run_dir), embedded_finals)
+    assert_same_centroids(finals(run_dir), embedded_run(setup, "run-local-long", setup.long_job))
     assert_jobs_leave(first | replaced)
 
 
