@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         to_stderr(f"cluster error: {one_line(exc)}")
         return EXIT_CLUSTER
     except KeyboardInterrupt as exc:
+        if argv is None:  # this process is the command and now exits: a second Ctrl-C changes nothing of that
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         # `run` says how to resume in the exception; ingest and augment leave no partial store behind
         to_stderr(one_line(exc) or "interrupted")
         return EXIT_INTERRUPTED

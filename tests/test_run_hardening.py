@@ -254,3 +254,19 @@ def test_ctrl_c_while_the_cluster_starts_is_one_line_and_leaves_nothing(tmp_path
     assert code == 130, err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
     assert not (tmp_path / "runs").exists(), sorted(p.name for p in (tmp_path / "runs").rglob("*"))
+
+
+def test_a_second_ctrl_c_while_the_run_exits_changes_nothing(tmp_path: Path, first_run) -> None:
+    """Users press Ctrl-C twice: the second, while the run closes its cluster, still ends in exit 130 and one line."""
+    _, _, data = first_run
+    store = shutil.copytree(data.directory.parent / "mnist.zarr", tmp_path / "s.zarr")
+    job, cluster, out = write_job(tmp_path / "jobs", epochs=200), cluster_file(tmp_path), tmp_path / "run"
+    args = ["run", str(job), "--cluster", str(cluster), "--store", str(store), "--out", str(out)]
+    live = LiveRun.start(args, tmp_path / "logs/run")
+    live.wait_for_epoch(out, timeout=120)
+    for _ in range(2):
+        os.killpg(live.proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+    code, _, err = live.finish()
+    assert code == 130, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
