@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnist_kmeans.errors import UserError, shorten
+from mnist_kmeans.errors import UserError, shorten, shown
 from mnist_kmeans.reading import read_yaml_mapping
 
 
@@ -141,11 +141,6 @@ class ClusterConfig:
 # --- loading -------------------------------------------------------------------------------------------
 
 
-def _shown(value: Any) -> str:
-    """A value from a file as an error line echoes it: its repr, cut to errors.MAX_VALUE characters."""
-    return shorten(repr(value))
-
-
 class _Checker:
     """Typed access to one mapping of a config file, with errors that name ``file: key``."""
 
@@ -173,11 +168,11 @@ class _Checker:
 
     def check_int(self, key: str, value: Any, minimum: int | None, maximum: int | None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"must be an integer, got {_shown(value)}")
+            raise self.fail(key, f"must be an integer, got {shown(value)}")
         if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be >= {minimum}, got {_shown(value)}")
+            raise self.fail(key, f"must be >= {minimum}, got {shown(value)}")
         if maximum is not None and value > maximum:
-            raise self.fail(key, f"must be <= {maximum}, got {_shown(value)}")
+            raise self.fail(key, f"must be <= {maximum}, got {shown(value)}")
         return value
 
     def text(self, key: str, default: str | None = None) -> str | None:
@@ -185,7 +180,7 @@ class _Checker:
         if value is None:
             return None
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, f"must be a non-empty string, got {_shown(value)}")
+            raise self.fail(key, f"must be a non-empty string, got {shown(value)}")
         return value
 
     def mapping(self, key: str) -> _Checker:
@@ -201,10 +196,10 @@ class _Checker:
     ) -> tuple[int, ...]:
         value = self.data.get(key, default) if default is not None else self.require(key)
         if not isinstance(value, list) or not value:
-            raise self.fail(key, f"must be a non-empty list of integers, got {_shown(value)}")
+            raise self.fail(key, f"must be a non-empty list of integers, got {shown(value)}")
         out = tuple(self.check_int(key, v, minimum, maximum) for v in value)
         if len(set(out)) != len(out):
-            raise self.fail(key, f"holds a value twice: {_shown(list(out))}")
+            raise self.fail(key, f"holds a value twice: {shown(list(out))}")
         return out
 
 
@@ -234,7 +229,7 @@ def load_job(path: str | Path) -> JobConfig:
     grids = report.int_list("centroid_grids", default=default_grids, minimum=2, maximum=MAX_K)
     for k in grids:
         if k not in k_grid:
-            raise report.fail("centroid_grids", f"K={k} is not in k_grid {_shown(list(k_grid))}")
+            raise report.fail("centroid_grids", f"K={k} is not in k_grid {shown(list(k_grid))}")
     return JobConfig(
         name=name,
         k_grid=k_grid,
@@ -313,7 +308,7 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
         or not 0 < timeout <= MAX_CONNECT_TIMEOUT  # also false for NaN
     ):
         what = f"must be a positive number of seconds, at most {MAX_CONNECT_TIMEOUT:g}"
-        raise checker.fail("connect_timeout", f"{what}, got {_shown(timeout)}")
+        raise checker.fail("connect_timeout", f"{what}, got {shown(timeout)}")
     local = _local_section(checker.mapping("local"))
     tls = _tls_section(checker.mapping("tls"), Path(path).parent) if checker.data.get("tls") is not None else None
     storage = _storage_section(checker.mapping("storage"))
@@ -337,7 +332,7 @@ def scheduler_address(text: str) -> str:
     parsed = _host_port(rest) if sep and scheme in SCHEDULER_SCHEMES else None
     if parsed is None or not parsed[0] or parsed[1] == 0:
         raise ValueError(
-            f"must be tcp://HOST:PORT or tls://HOST:PORT (port 1 - 65535, IPv6 as [::1]), got {_shown(text)}"
+            f"must be tcp://HOST:PORT or tls://HOST:PORT (port 1 - 65535, IPv6 as [::1]), got {shown(text)}"
         )
     return text
 
@@ -367,7 +362,7 @@ def _local_section(section: _Checker) -> LocalClusterConfig:
     defaults = LocalClusterConfig()
     processes = section.data.get("processes", defaults.processes)
     if not isinstance(processes, bool):
-        raise section.fail("processes", f"must be true or false, got {_shown(processes)}")
+        raise section.fail("processes", f"must be true or false, got {shown(processes)}")
     return LocalClusterConfig(
         n_workers=section.integer("n_workers", defaults.n_workers, minimum=1, maximum=1024),
         threads_per_worker=section.integer("threads_per_worker", defaults.threads_per_worker, minimum=1, maximum=1024),
@@ -383,7 +378,7 @@ def _memory_limit(section: _Checker, default: str, key: str = "memory_limit", pe
     from dask.utils import parse_bytes
 
     memory_limit = section.data.get(key, default)
-    wrong = section.fail(key, f"must be a size such as 4GiB, or bytes, got {_shown(memory_limit)}")
+    wrong = section.fail(key, f"must be a size such as 4GiB, or bytes, got {shown(memory_limit)}")
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, (str, int)):
         raise wrong
     try:
@@ -394,7 +389,7 @@ def _memory_limit(section: _Checker, default: str, key: str = "memory_limit", pe
         raise section.fail(
             key,
             f"must be at least {MIN_MEMORY_LIMIT >> 20} MiB per worker (a worker holds ~250 MiB before any data), "
-            f"got {_shown(memory_limit)}",
+            f"got {shown(memory_limit)}",
         )
     return str(memory_limit)
 
@@ -405,7 +400,7 @@ def _dashboard_address(section: _Checker, default: str) -> str:
     value = section.data.get("dashboard_address", default)
     if not isinstance(value, str) or _host_port(value) is None:
         what = "must be HOST:PORT or :PORT (port 0 - 65535, IPv6 as [::1])"
-        raise section.fail("dashboard_address", f"{what}, got {_shown(value)}")
+        raise section.fail("dashboard_address", f"{what}, got {shown(value)}")
     return value
 
 
@@ -444,7 +439,7 @@ def _kind(checker: _Checker, scheduler: str | None) -> str:
     if kind is None:
         kind = "local" if scheduler is None else "address"
     elif kind not in CLUSTER_KINDS:
-        raise checker.fail("kind", f"must be one of {', '.join(CLUSTER_KINDS)}, got {_shown(kind)}")
+        raise checker.fail("kind", f"must be one of {', '.join(CLUSTER_KINDS)}, got {shown(kind)}")
     if kind == "address" and scheduler is None:
         raise checker.fail("scheduler", "missing (required with kind: address)")
     if kind != "address" and scheduler is not None:
@@ -486,7 +481,7 @@ def _matching(section: _Checker, key: str, pattern: re.Pattern, what: str, defau
     if value is None:
         return None
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise section.fail(key, f"must be {what}, got {_shown(value)}")
+        raise section.fail(key, f"must be {what}, got {shown(value)}")
     return value
 
 
@@ -494,12 +489,12 @@ def _one_line_list(section: _Checker, key: str, must_start: str = "") -> tuple[s
     """A list of one-line strings (lines of the job script), each starting with ``must_start``."""
     value = section.data.get(key) or []
     if not isinstance(value, list):
-        raise section.fail(key, f"must be a list of strings, got {_shown(value)}")
+        raise section.fail(key, f"must be a list of strings, got {shown(value)}")
     for item in value:
         if not isinstance(item, str) or not item.strip() or "\n" in item or "\r" in item:
-            raise section.fail(key, f"must hold one-line strings, got {_shown(item)}")
+            raise section.fail(key, f"must hold one-line strings, got {shown(item)}")
         if not item.startswith(must_start):
-            raise section.fail(key, f"each must be an sbatch option starting with {must_start!r}, got {_shown(item)}")
+            raise section.fail(key, f"each must be an sbatch option starting with {must_start!r}, got {shown(item)}")
     return tuple(value)
 
 

@@ -38,6 +38,11 @@ def shorten(text: object, limit: int = MAX_VALUE) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def shown(value: object) -> str:
+    """A value read from a user's file as an error line echoes it: its repr, shortened."""
+    return shorten(repr(value))
+
+
 def count(n: int, noun: str) -> str:
     """``n`` and ``noun``, plural unless ``n`` is 1: "1 class", "10 classes", "2 epochs"."""
     if n == 1:

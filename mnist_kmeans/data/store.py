@@ -40,7 +40,7 @@ import zarr
 
 from mnist_kmeans.data.chunk_cache import CACHE
 from mnist_kmeans.data.classes import valid_class_names
-from mnist_kmeans.errors import UserError, one_line, shorten
+from mnist_kmeans.errors import UserError, one_line, shown
 
 FORMAT = "mnist-kmeans/1"
 SPLITS = ("train", "test")
@@ -226,7 +226,7 @@ def attribute_error(url: str, name: str, what: str) -> UserError:
 
 def _shown(value: object) -> str:
     """A value read from a store, as an error message echoes it: its repr, shortened."""
-    return "nothing (missing)" if value is None else shorten(repr(value))
+    return "nothing (missing)" if value is None else shown(value)
 
 
 def _is_int(value: object) -> bool:
