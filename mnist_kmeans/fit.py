@@ -10,6 +10,12 @@ seeded order of that epoch): a task needs no more than the state it continues. E
 store on the worker (``store.load_chunk``); only the small :class:`ChainState` travels between tasks. Chains are
 independent, so the scheduler runs all of them at once.
 
+A *lane* is several chains advanced together: every chain visits the chunks of an epoch in the same seeded order
+(it depends on the job seed and the epoch only), so chains at the same position need the same chunk next, and one
+``fit_lane`` task reads and converts it once for all of them. Reading, checking and converting a chunk costs about as
+much as fitting it at K=10 (README, "Performance"); a chunk cache cannot help once the store outgrows it. Which
+chains share a lane changes no result: each chain's ``partial_fit`` calls see only its own state and the chunk.
+
 Determinism: every random choice (the init sample, k-means++, the chunk order of an epoch, the row order and the
 random reassignments inside a chunk) is drawn from a seed derived from ``(seed, K, restart, epoch, chunk)``. A
 task's result is therefore a pure function of its inputs: the same job gives the same centroids on any cluster
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -93,12 +100,12 @@ def derive_seed(seed: int, purpose: Purpose, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, int(purpose), *(int(p) for p in parts)]).generate_state(1)[0])
 
 
-def chunk_order(n_chunks: int, seed: int, k: int, restart: int, epoch: int) -> list[int]:
-    """The seeded order in which a chain visits the training chunks in one epoch."""
-    return [
-        int(i)
-        for i in np.random.RandomState(derive_seed(seed, Purpose.CHUNK_ORDER, k, restart, epoch)).permutation(n_chunks)
-    ]
+def chunk_order(n_chunks: int, seed: int, epoch: int) -> list[int]:
+    """The seeded order in which every chain visits the training chunks in one epoch.
+
+    The same for every K and restart, so that chains at the same position can share one read (a lane, above).
+    """
+    return [int(i) for i in np.random.RandomState(derive_seed(seed, Purpose.CHUNK_ORDER, epoch)).permutation(n_chunks)]
 
 
 def sample_rows(n_train: int, n_rows: int, seed: int) -> np.ndarray:
@@ -200,12 +207,31 @@ def batches(n_rows: int, batch_size: int) -> list[slice]:
 
 
 def next_chunk(state: ChainState, n_chunks: int, seed: int) -> int:
-    """The training chunk a chain visits next: position ``chunks_done`` of its seeded order for the current epoch."""
-    return chunk_order(n_chunks, seed, state.k, state.restart, state.epoch)[state.chunks_done]
+    """The training chunk a chain visits next: position ``chunks_done`` of the seeded order of its current epoch."""
+    return chunk_order(n_chunks, seed, state.epoch)[state.chunks_done]
 
 
 def fit_chunk(state: ChainState, info: StoreInfo, params: FitParams) -> ChainState:
-    """One task: ``partial_fit`` on the consecutive mini-batches of the chain's next training chunk.
+    """One task: ``partial_fit`` on the consecutive mini-batches of the chain's next training chunk."""
+    return fit_lane((state,), info, params)[0]
+
+
+def fit_lane(states: Sequence[ChainState], info: StoreInfo, params: FitParams) -> tuple[ChainState, ...]:
+    """One task: every chain of a lane (all at the same position) advanced by the chunk they visit next, read once.
+
+    Each chain's result is what :func:`fit_chunk` gives it alone: which chains share a lane changes nothing.
+    """
+    positions = {(state.epoch, state.chunks_done) for state in states}
+    if len(positions) != 1:
+        raise ValueError(f"a lane's chains must be at one position, not {sorted(positions)}")
+    n_chunks = info.n_chunks("train")
+    chunk = next_chunk(states[0], n_chunks, params.seed)
+    x, _ = load_chunk(info, "train", chunk)
+    return tuple(advance(state, x, chunk, n_chunks, params) for state in states)
+
+
+def advance(state: ChainState, x: np.ndarray, chunk: int, n_chunks: int, params: FitParams) -> ChainState:
+    """``partial_fit`` of one chain on the consecutive mini-batches of ``x``, its next chunk (number ``chunk``).
 
     Rows keep their stored order (MNIST's is already mixed; the chunk order of each epoch is seeded), so every batch is
     a view of the cached chunk: no copy. The random reassignments of empty or tiny clusters draw from a generator
@@ -213,9 +239,6 @@ def fit_chunk(state: ChainState, info: StoreInfo, params: FitParams) -> ChainSta
     """
     import sklearn
 
-    n_chunks = info.n_chunks("train")
-    chunk = next_chunk(state, n_chunks, params.seed)
-    x, _ = load_chunk(info, "train", chunk)
     rng = np.random.RandomState(derive_seed(params.seed, Purpose.REASSIGN, state.k, state.restart, state.epoch, chunk))
     model = restore_model(state, params, rng)
     # The rows come from a uint8 store (always finite) and the parameters were validated with the job file:

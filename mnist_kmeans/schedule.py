@@ -5,7 +5,7 @@ The graph, in three phases::
     1. every K's start        restart r: init_chain ─▶ fit_chunk × S      S chunks: the first ``screen_rows`` rows
                               chunk_stats × n_chunks ─▶ tree of combine     every restart of every K, in one pass
                               select_restart per K (lowest inertia)        only the best restart goes on
-    2. every K's epochs       fit_chunk × (epochs · n_chunks - S)         the chosen chain (fit.py, map)
+    2. every K's epochs       fit_lane × (epochs · n_chunks - S)          the chosen chains, a few K's per lane (fit.py)
     3. the grid's passes      [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update per K] × lloyd_steps
                               chunk_stats × n_chunks of train and of test ─▶ tree of combine    the evaluation
 
@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+from uuid import uuid4
 
 import numpy as np
 from distributed import Client, Future, as_completed
@@ -44,7 +45,7 @@ from mnist_kmeans.checkpoint import Checkpoint
 from mnist_kmeans.data.store import StoreInfo
 from mnist_kmeans.errors import UserError
 from mnist_kmeans.evaluate import PassStats, chunk_stats_task, combine, lloyd_update
-from mnist_kmeans.fit import ChainState, FitParams, draw_sample, fit_chunk, init_chain
+from mnist_kmeans.fit import ChainState, FitParams, draw_sample, fit_chunk, fit_lane, init_chain
 from mnist_kmeans.progress import Progress
 
 # Every K's start (phase 1) runs before any epoch: the small K, whose many restarts make long sequences of short
@@ -61,6 +62,7 @@ class FitPlan:
     epochs: int
     lloyd_steps: int
     params: FitParams
+    lanes: int | None = None  # chains fitted side by side over each chunk read; None: the cluster's worker threads
 
 
 @dataclass
@@ -82,6 +84,32 @@ class KResult:
 
 def centers_of(state: ChainState) -> np.ndarray:
     return state.centers
+
+
+def lane_centers(states: Sequence[ChainState], index: int) -> np.ndarray:
+    return states[index].centers
+
+
+# The fixed cost of one partial_fit call, in centers' worth of distance products (1,024 rows of MNIST on one thread:
+# about 1.8 ms fixed, 0.022 ms per center; README, "Performance").
+FIXED_COST_CENTERS = 80
+
+
+def lanes_of(positions: dict[int, int], n_lanes: int) -> list[list[int]]:
+    """The K's (each at chunk position ``positions[K]``) grouped into lanes of equal position, at most ``n_lanes`` per
+    position, balanced by their cost per chunk (largest first, each into the lightest lane). Lanes of K's in
+    increasing order, largest-cost lane first."""
+    out: list[list[int]] = []
+    for position in sorted(set(positions.values())):
+        ks = sorted((k for k, p in positions.items() if p == position), reverse=True)
+        lanes: list[list[int]] = [[] for _ in range(min(n_lanes, len(ks)))]
+        loads = [0] * len(lanes)
+        for k in ks:
+            lightest = loads.index(min(loads))
+            lanes[lightest].append(k)
+            loads[lightest] += k + FIXED_COST_CENTERS
+        out += [sorted(lane) for _, lane in sorted(zip(loads, lanes, strict=True), key=lambda pair: -pair[0])]
+    return out
 
 
 def tree_reduce(client: Client, parts: Sequence[Future], fan_in: int = 8, priority: int = 0) -> Future:
@@ -404,28 +432,48 @@ class _Scheduler:
     # --- phase 2: every K's epochs -------------------------------------------------------------------------------
 
     def fit_epochs(self) -> None:
-        """The chosen chain of every K fits the rest of its epochs; then each K's grid passes are planned."""
+        """The chosen chain of every K fits the rest of its epochs, in lanes; then each K's grid passes are planned."""
         lloyd_steps = self.plan.lloyd_steps
+        fitting = [k for k, start in self.starts.items() if start.state is not None]
+        for lane in lanes_of({k: self.starts[k].chunks_done for k in fitting}, self.n_lanes()):
+            self.finish_lane(lane)
         for k, start in self.starts.items():
             if start.state is None:  # resumed in its Lloyd steps
                 self.centers[k], self.epoch_centers[k] = start.centers, ()
                 lloyd_done, passes = start.lloyd_done, []
             else:
-                self.centers[k], self.epoch_centers[k] = self.finish_epochs(k, start)
                 # the pass after the epochs gives their inertia and, with the sums, the first Lloyd step
                 lloyd_done, passes = min(lloyd_steps, 1), [GridPass(ResultKind.EPOCHS, min(lloyd_steps, 1))]
             passes += [GridPass(ResultKind.LLOYD_STATS, step) for step in range(lloyd_done + 1, lloyd_steps + 1)]
             self.passes[k] = passes + ([GridPass(ResultKind.EVAL_TRAIN, 0)] if lloyd_steps > 0 else [])
 
-    def finish_epochs(self, k: int, start: _Start) -> tuple[Future, tuple]:
-        """Submit the rest of K's epochs (each epoch end saved): its centers after them, and after each earlier one."""
-        chain, n_chunks, epochs = start.state, self.n_chunks, self.plan.epochs
-        for epoch in range(start.chunks_done // n_chunks, epochs):
-            first = max(start.chunks_done, epoch * n_chunks)
-            chain = self.fit_chunks(chain, k, first, (epoch + 1) * n_chunks - first)
-            if epoch < epochs - 1:  # the centers after every epoch but the last, for their inertia
-                start.epoch_centers.append(self.submit(centers_of, chain))
-        return self.submit(centers_of, chain), tuple(start.epoch_centers)
+    def n_lanes(self) -> int:
+        """The plan's lanes, else as many as the cluster has worker threads now (at least one): enough to keep it
+        busy, and each more lane reads every chunk once more. Lanes change no result (fit.py): any cluster shape may."""
+        return self.plan.lanes or max(1, sum(self.client.nthreads().values()))
+
+    def finish_lane(self, ks: list[int]) -> None:
+        """Submit the rest of the epochs of the K's of one lane (all at the same position; each epoch end saved):
+        each K's centers after them, and after each earlier epoch."""
+        starts = [self.starts[k] for k in ks]
+        n_chunks, end = self.n_chunks, self.plan.epochs * self.n_chunks
+        lane: Any = [start.state for start in starts]
+        name = "-".join(f"k{k}" for k in ks)
+        for chunk in range(starts[0].chunks_done, end):
+            lane = self.client.submit(fit_lane, lane, self.info, self.plan.params, key=f"fit_lane-{name}-{uuid4().hex}")
+            epoch_end = (chunk + 1) % n_chunks == 0
+            for index, k in enumerate(ks):
+                step = (chunk + 1) // n_chunks
+                kind = ResultKind.EPOCH if epoch_end else ResultKind.CHUNK
+                self.watch(lane, Watched(kind, k, step, index) if epoch_end else Watched(kind, k))
+                if epoch_end and chunk + 1 < end:  # the centers after every epoch but the last, for their inertia
+                    starts[index].epoch_centers.append(self.submit(lane_centers, lane, index))
+        for index, (k, start) in enumerate(zip(ks, starts, strict=True)):
+            if isinstance(lane, Future):
+                self.centers[k] = self.submit(lane_centers, lane, index)
+            else:  # nothing left to fit: the screening ended the last epoch
+                self.centers[k] = self.submit(centers_of, start.state)
+            self.epoch_centers[k] = tuple(start.epoch_centers)
 
     # --- phase 3: the grid's passes ------------------------------------------------------------------------------
 
@@ -433,9 +481,9 @@ class _Scheduler:
         """The grid's passes, aligned at the end: every K takes part in the last (the evaluation), and a K resumed
         in its Lloyd steps joins when its remaining steps begin. Then the test split's pass."""
         n_passes = max(len(passes) for passes in self.passes.values())
-        lanes = {k: [None] * (n_passes - len(passes)) + passes for k, passes in self.passes.items()}
+        aligned = {k: [None] * (n_passes - len(passes)) + passes for k, passes in self.passes.items()}
         for position in range(n_passes):
-            self.grid_pass([(k, lane[position]) for k, lane in lanes.items() if lane[position] is not None])
+            self.grid_pass([(k, line[position]) for k, line in aligned.items() if line[position] is not None])
         self.test_pass()
 
     def grid_pass(self, grid: list[tuple[int, GridPass]]) -> None:

@@ -23,6 +23,7 @@ from mnist_kmeans.fit import (
     derive_seed,
     draw_sample,
     fit_chunk,
+    fit_lane,
     next_chunk,
     restore_model,
     sample_rows,
@@ -167,7 +168,7 @@ def test_fit_chunk_fits_the_chunk_its_state_names(store_info) -> None:
     params = FitParams(batch_size=100, seed=3)
     n = store_info.n_chunks("train")
     state = fit_chunk(fit_chunk(first_state(store_info, 5, 1, params), store_info, params), store_info, params)
-    order = chunk_order(n, params.seed, 5, 1, 0)
+    order = chunk_order(n, params.seed, 0)
     assert len(set(order)) == n and next_chunk(state, n, params.seed) == order[2]
     x, _ = load_chunk(store_info, "train", order[2])
     model = restore_model(
@@ -221,12 +222,28 @@ def test_batches_cover_every_row_once(n_rows: int, batch_size: int) -> None:
 
 @pytest.mark.parametrize("n_chunks", [1, 2, 6, 13])
 def test_chunk_order_is_a_seeded_permutation(n_chunks: int) -> None:
-    orders = [chunk_order(n_chunks, 7, 10, 0, epoch) for epoch in range(6)]
+    orders = [chunk_order(n_chunks, 7, epoch) for epoch in range(6)]
     for order in orders:
         assert sorted(order) == list(range(n_chunks))
         assert all(type(i) is int for i in order)
-    assert orders == [chunk_order(n_chunks, 7, 10, 0, epoch) for epoch in range(6)]  # deterministic
+    assert orders == [chunk_order(n_chunks, 7, epoch) for epoch in range(6)]  # deterministic
     if n_chunks >= 6:
         assert len({tuple(o) for o in orders}) > 1  # depends on the epoch
-        assert chunk_order(n_chunks, 8, 10, 0, 0) != orders[0] or chunk_order(n_chunks, 8, 10, 0, 1) != orders[1]
-        assert any(chunk_order(n_chunks, 7, 10, 1, e) != orders[e] for e in range(6))  # and on the restart
+        assert chunk_order(n_chunks, 8, 0) != orders[0] or chunk_order(n_chunks, 8, 1) != orders[1]  # and the seed
+
+
+# --- fit_lane: several chains, one read ---------------------------------------------------------------------------
+
+
+def test_a_lane_gives_each_chain_what_it_gets_alone(store_info) -> None:
+    """Chains of different K and restart at one position share the chunk; each ends exactly as fit_chunk ends it."""
+    params = FitParams(batch_size=100, seed=3)
+    states = [fit_chunk(first_state(store_info, k, r, params), store_info, params) for k, r in ((4, 0), (7, 2), (4, 1))]
+    alone = [fit_chunk(state, store_info, params) for state in states]
+    for together in (fit_lane(states, store_info, params), fit_lane(states[::-1], store_info, params)[::-1]):
+        assert len(together) == len(states)
+        for a, b in zip(alone, together, strict=True):
+            assert_states_equal(a, b)
+    assert not np.array_equal(alone[0].centers, alone[2].centers)  # the restarts did differ
+    with pytest.raises(ValueError, match="one position"):
+        fit_lane([states[0], alone[1]], store_info, params)

@@ -258,6 +258,16 @@ class ClientKilled:
     saved_files: dict[str, tuple[bytes, int]]  # the chunk files of every saved epoch: bytes and mtime
 
 
+def fitted_chains(key: str) -> list[str]:
+    """The chains a task of this key advanced by one chunk: one for a ``fit_chunk`` task (a restart's screening), each
+    K a ``fit_lane`` task names (schedule.py: ``fit_lane-k4-k8-<uuid>``); none for any other task."""
+    if key.startswith("fit_chunk-"):
+        return [key]
+    if key.startswith("fit_lane-"):
+        return [part for part in key.split("-")[1:] if part[:1] == "k" and part[1:].isdigit()]
+    return []
+
+
 def saved_epoch_files(run_dir: Path, progress: dict[str, tuple[int, int]]) -> dict[str, tuple[bytes, int]]:
     snap = tree_snapshot(run_dir / "centroids.zarr" / "chains")
     keep = {}
@@ -328,7 +338,7 @@ def test_resume_after_client_sigkill_refits_nothing_saved_and_gives_the_same_cen
     # ... and the new cluster ran exactly the partial_fit tasks of the epochs that were not saved.
     with cluster_fresh.client() as client:
         stream = client.get_task_stream(start=t0)
-    fit_tasks = [t["key"] for t in stream if str(t["key"]).startswith("fit_chunk-")]
+    fit_tasks = [chain for t in stream for chain in fitted_chains(str(t["key"]))]
     # Only a K's chosen restart saves epochs. A K with nothing saved (no chain, or one whose first save the kill cut
     # short) starts afresh: every restart fits the screening chunks (the whole first epoch: 3,000 rows <
     # screen_rows), then the chosen one its other epochs.

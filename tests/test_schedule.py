@@ -7,6 +7,7 @@ restarts compete on their first two chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shutil
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from mnist_kmeans.config import ClusterConfig, LocalClusterConfig
 from mnist_kmeans.data.store import StoreInfo, load_chunk, open_store
 from mnist_kmeans.evaluate import chunk_stats
 from mnist_kmeans.fit import FitParams, draw_sample, fit_chunk, init_chain
-from mnist_kmeans.schedule import FitPlan, KResult, run_chains
+from mnist_kmeans.schedule import FitPlan, KResult, lanes_of, run_chains
 
 RESTARTS = {3: 3, 5: 1, 8: 2}
 EPOCHS, LLOYD = 2, 2
@@ -116,3 +117,23 @@ def test_resume_from_a_mix_of_stages_gives_the_same_centroids(
         assert again[k].trajectory == pytest.approx(r.trajectory, rel=1e-12)
         assert np.array_equal(again[k].test.contingency, r.test.contingency)
         assert Checkpoint.open(copy).progress(k, r.restart) == (EPOCHS, LLOYD)
+
+
+def test_lanes_group_equal_positions_and_balance_their_cost() -> None:
+    lanes = lanes_of({10: 0, 16: 0, 36: 0, 64: 0, 144: 0, 256: 0}, 2)
+    assert sorted(k for lane in lanes for k in lane) == [10, 16, 36, 64, 144, 256] and len(lanes) == 2
+    loads = [sum(k + 80 for k in lane) for lane in lanes]
+    assert max(loads) - min(loads) <= 10 + 80  # no move of one K would balance them better
+    assert lanes_of({3: 1, 5: 0, 8: 1}, 4) == [[5], [8], [3]]  # one lane per K at most, never across positions
+    assert lanes_of({3: 2, 5: 2, 8: 2}, 1) == [[3, 5, 8]]
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_any_lanes_give_the_same_centroids(client, reference, info: StoreInfo, tmp_path: Path, lanes: int) -> None:
+    """The reference ran in two lanes (the client's two threads); one lane for all K's, or one per K: the same."""
+    _, results = reference
+    plan = dataclasses.replace(plan_for(info), lanes=lanes)
+    again = {r.k: r for r in run_chains(client, plan, Checkpoint.create(tmp_path / "c.zarr", info.image_shape))}
+    for k, r in results.items():
+        assert np.array_equal(again[k].centers, r.centers), k
+        assert again[k].trajectory == r.trajectory
