@@ -97,3 +97,14 @@ def test_checksum_costs_little_beside_decoding() -> None:
     for _ in range(5):
         chunk_checksum(block)
     assert (time.perf_counter() - t0) / 5 < 0.05  # ~7 ms here; generous for a loaded machine
+
+
+def test_a_chunk_reads_as_exactly_its_bytes_over_255_in_float32(kgrid_store: tuple[str, IdxDataset]) -> None:
+    """Every result depends on these bits: each stored byte b becomes float32(b) / float32(255), correctly rounded."""
+    clear_cache()
+    info = open_store(kgrid_store[0])
+    x, _ = load_chunk(info, "train", 1)
+    stored = kgrid_store[1].train_images.reshape(len(kgrid_store[1].train_images), -1)[500:1000]
+    assert x.dtype == np.float32 and len(np.unique(stored)) > 100
+    expected = (stored.astype(np.float64) / 255).astype(np.float32)  # the float64 quotient, rounded once
+    assert np.array_equal(x.view(np.uint32), expected.view(np.uint32))
