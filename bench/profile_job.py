@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+LLOYD_TABLE = REPO.parent / "shared" / "reference" / "lloyd_table.json"  # scikit-learn's Lloyd, converged, on MNIST
 sys.path.insert(0, str(REPO))
 
 
@@ -61,7 +62,7 @@ def profile(job_file: str, store: str, overrides: dict, workers: int) -> dict:
             client.run(lambda: __import__("sklearn.cluster"))  # imports are not the job's work
             before, client_before, t0 = client.run(cpu_seconds), cpu_seconds(), time.perf_counter()
             with get_task_stream(client) as task_stream:
-                fit_and_evaluate(client, job, info, Checkpoint.create(Path(tmp) / "c.zarr", info.image_shape))
+                outcome = fit_and_evaluate(client, job, info, Checkpoint.create(Path(tmp) / "c.zarr", info.image_shape))
             wall, client_cpu = time.perf_counter() - t0, cpu_seconds() - client_before
             after = client.run(cpu_seconds)
     busy: dict[str, float] = defaultdict(float)
@@ -78,6 +79,7 @@ def profile(job_file: str, store: str, overrides: dict, workers: int) -> dict:
         "client_cpu_s": client_cpu,
         "tasks": dict(count),
         "busy_s": dict(busy),
+        "per_k": {r["k"]: {"inertia": r["inertia"], "accuracy_test": r["accuracy_test"]} for r in outcome.rows},
     }
 
 
@@ -97,6 +99,11 @@ def main() -> None:
     )
     for kind in sorted(r["busy_s"], key=lambda k: -r["busy_s"][k]):
         print(f"  {kind:24s} {r['tasks'][kind]:6d} tasks  {r['busy_s'][kind]:8.2f} s busy")
+    table = json.loads(LLOYD_TABLE.read_text()) if r["rows"] == 60_000 else None  # the table is of MNIST's rows
+    lloyd = dict(zip(table["k"], table["inertia"], strict=True)) if table else {}
+    for k, v in r["per_k"].items():
+        vs = f", {v['inertia'] / lloyd[k]:.4f}x converged Lloyd" if k in lloyd else ""
+        print(f"  K={k}: inertia {v['inertia']:,.0f}{vs}, test accuracy {v['accuracy_test']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
 
