@@ -116,14 +116,15 @@ def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: b
     contingency = np.bincount(labels * n_classes + y, minlength=k * n_classes).reshape(k, n_classes).astype(np.int64)
     sums = None
     if with_sums:
-        # A sparse one-hot (K x n) product: one add per pixel whatever K is, 6 ms for 10,000 MNIST rows, where a
-        # dense one-hot GEMM costs as much as the distances and np.add.at/reduceat are 5-10x slower. A chunk's
-        # sums are exact enough in float32 (at most chunk_rows values in [0, 1]); chunks are summed in float64.
+        # A sparse one-hot (K x n) product: one add per pixel whatever K is, where a dense one-hot GEMM costs as much
+        # as the distances and np.add.at/reduceat are 5-10x slower. Built column-wise (CSC: row i's one entry in
+        # column i), so the product reads x in order: 2.9 ms for 10,000 MNIST rows against 6.7 ms for the row-wise
+        # (CSR) product, with the same bits (each center's rows are added in row order either way). A chunk's sums
+        # are exact enough in float32 (at most chunk_rows values in [0, 1]); chunks are summed in float64.
         import scipy.sparse
 
-        onehot = scipy.sparse.csr_matrix(
-            (np.ones(len(labels), dtype=x.dtype), (labels, np.arange(len(labels)))), shape=(k, len(labels))
-        )
+        n = len(labels)
+        onehot = scipy.sparse.csc_matrix((np.ones(n, dtype=x.dtype), labels, np.arange(n + 1)), shape=(k, n))
         sums = np.asarray(onehot @ x, dtype=np.float64)
     return PassStats(np.asarray(ssd, dtype=np.float64), counts, contingency, sums)
 
