@@ -59,29 +59,13 @@ def peer_gemm() -> dict:
 
 
 def peer_loop(store: str, seed: int) -> dict:
-    from bench.harness import load_split
+    from bench.harness import load_split, seed_loop
     from mnist_kmeans.data.store import open_store
 
     info = open_store(store)
     xtr, ytr = load_split(info.url, "train", info.n_train)
     xte, yte = load_split(info.url, "test", info.n_test)
-    return seed_loop(xtr, ytr, xte, yte, info.n_classes, seed)
-
-
-def seed_loop(xtr, ytr, xte, yte, n_classes: int, seed: int) -> dict:
-    """bench/harness.py's loop at ``random_state=seed``."""
-    import numpy as np
-    from sklearn.cluster import MiniBatchKMeans
-
-    t0 = time.perf_counter()
-    per_k = {}
-    for k in K_GRID:
-        km = MiniBatchKMeans(n_clusters=k, random_state=seed).fit(xtr)
-        cont = np.zeros((k, n_classes), np.int64)
-        np.add.at(cont, (km.labels_, ytr), 1)
-        lmap = cont.argmax(1)
-        per_k[k] = {"inertia": float(km.inertia_), "accuracy_test": float((lmap[km.predict(xte)] == yte).mean())}
-    return {"seconds": time.perf_counter() - t0, "per_k": per_k}
+    return seed_loop(xtr, ytr, xte, yte, K_GRID, info.n_classes, seed)
 
 
 def peer_warm(store: str, address: str, seed: int) -> dict:
