@@ -299,7 +299,10 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, quality: dict 
     if runs.get("daskml") and runs.get("scale-big"):
         dml = med([r["seconds"] for r in runs["daskml"]])
         ours = med([r["fit_eval_s"] for r in runs["scale-big"]])
-        row("1.2M rows: dask-ml Incremental fits alone / this job's fit + evaluate", f"{dml:.1f} s / {ours:.1f} s",
+        from mnist_kmeans.data.store import open_store
+
+        n = open_store(args.big).n_train
+        row(f"{n:,} rows: dask-ml Incremental fits alone / this job's fit + evaluate", f"{dml:.1f} s / {ours:.1f} s",
             "shown", True)  # fmt: skip
     if quality:
         lines += ["", quality_table(quality)]
