@@ -144,8 +144,8 @@ def lloyd_step(index: int, centers: Sequence[np.ndarray], stats: list[PassStats]
 class ResultKind(Enum):
     """What a watched result is, and so what the client does with it when it arrives."""
 
-    CHUNK = "chunk"  # a fit_chunk task within an epoch: counted for progress
-    EPOCH = "epoch"  # a fit_chunk task that ends epoch ``step``: counted, and its chain state saved
+    CHUNK = "chunk"  # a fit_chunk or fit_lane task within an epoch: counted for progress (once per K of a lane)
+    EPOCH = "epoch"  # a fit_lane task that ends epoch ``step``: counted, and the K's chain state saved
     SAVE = "save"  # the screening's winner, which ended epoch 1: saved (its chunks were counted as they ran)
     SCREEN = "screen"  # the screening pass: each restart's training inertia
     SELECT = "select"  # the index of the restart that won the screening
@@ -321,16 +321,12 @@ class _Scheduler:
         ]
         return tree_reduce(self.client, parts, priority=priority)
 
-    def fit_chunks(
-        self, state: Any, k: int, chunks_done: int, n_tasks: int, save: bool = True, priority: int = 0
-    ) -> Future:
-        """``n_tasks`` fit_chunk tasks after ``chunks_done`` chunks of K's chain; epoch ends are saved if ``save``."""
-        for chunk in range(chunks_done, chunks_done + n_tasks):
-            if save and (chunk + 1) % self.n_chunks == 0:
-                watched = Watched(ResultKind.EPOCH, k, step=(chunk + 1) // self.n_chunks)
-            else:
-                watched = Watched(ResultKind.CHUNK, k)
-            state = self.submit(fit_chunk, state, self.info, self.plan.params, watch=watched, priority=priority)
+    def screening_chunks(self, state: Any, k: int) -> Future:
+        """A restart's screening: ``fit_chunk`` on its first ``screen_chunks`` chunks (never saved; the winner's
+        state is, if the screening ended its first epoch)."""
+        counted = Watched(ResultKind.CHUNK, k)
+        for _ in range(self.screen_chunks):
+            state = self.submit(fit_chunk, state, self.info, self.plan.params, watch=counted, priority=START_PRIORITY)
         return state
 
     # --- phase 1: every K's start --------------------------------------------------------------------------------
@@ -393,9 +389,7 @@ class _Scheduler:
         """Every restart of K: k-means++, then its screening chunks (not saved); each restart's state after them."""
         sample, params = self.kmeans_sample(), self.plan.params
         inits = [self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY) for r in range(n_restarts)]
-        return [
-            self.fit_chunks(chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY) for chain in inits
-        ]
+        return [self.screening_chunks(chain, k) for chain in inits]
 
     def screen(self, screened: dict[int, list[Future]]) -> None:
         """One pass measures every restart of every screened K; each K's best restart goes on from there."""
