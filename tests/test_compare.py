@@ -1,10 +1,9 @@
 """`mnist-kmeans compare` and `mnist_kmeans.compare`: finished runs of the same data on one page (docs/contract.md,
 "compare").
 
-Real runs: three small jobs that differ in seed, epochs, batch size and K grid, and one on another store of the same
-shape, each run by ``run_job`` on one real ``LocalCluster`` (two worker processes on 127.0.0.1) that the module
-shares; the page is parsed, and opened in headless Chromium. The module takes about a minute on two cores, most of
-it the four runs.
+Real runs: three tiny jobs that differ in seed, epochs, batch size and K grid on one tiny store (300 rows of 12 x 9),
+and one on another store of the same shape, each run by ``run_job`` on one real ``LocalCluster`` (two worker
+processes on 127.0.0.1) that the module shares; the page is parsed, and opened in headless Chromium.
 """
 
 from __future__ import annotations
@@ -23,15 +22,15 @@ import mnist_kmeans
 from mnist_kmeans.cli import main
 from mnist_kmeans.errors import UserError
 from mnist_kmeans.run import run_job
-from tests.helpers import KGRID_STORE_ARGS, IdxDataset, make_small_store, run_cli, tree_snapshot
+from tests.helpers import make_small_store, run_cli, tree_snapshot
 from tests.test_report import CHROMIUM
 
-BASE_JOB = {"k_grid": [3, 6], "epochs": 1, "batch_size": 250, "n_init": 1, "lloyd_steps": 1, "seed": 3}
+BASE_JOB = {"k_grid": [2, 3], "epochs": 1, "batch_size": 32, "n_init": 1, "lloyd_steps": 1, "seed": 3}
 # run name -> what its job changes; a differs from b in the seed only, c in epochs, batch size and K grid
 JOBS = {
     "a": {},
     "b": {"seed": 4},
-    "c": {"epochs": 2, "batch_size": 500, "k_grid": [3, 6, 8]},
+    "c": {"epochs": 2, "batch_size": 64, "k_grid": [2, 3, 5]},
 }
 DIFFERING = {"name", "seed", "epochs", "batch_size", "k_grid"}
 
@@ -53,14 +52,15 @@ def _run(root: Path, cluster: LocalCluster, store: str, name: str, **changes: ob
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, kgrid_store: tuple[str, IdxDataset]) -> Runs:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("compare")
-    other_store, _ = make_small_store(root / "other-store", **{**KGRID_STORE_ARGS, "seed": 12})
+    store, _ = make_small_store(root / "store", seed=1)
+    other_store, _ = make_small_store(root / "other-store", seed=2)  # same shape, other images: other md5 sums
     with LocalCluster(
         n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit="2GiB"
     ) as cluster:
-        dirs = {name: _run(root, cluster, kgrid_store[0], name, **changes) for name, changes in JOBS.items()}
-        dirs["other"] = _run(root, cluster, other_store, "other", k_grid=[3])
+        dirs = {name: _run(root, cluster, store, name, **changes) for name, changes in JOBS.items()}
+        dirs["other"] = _run(root, cluster, other_store, "other", k_grid=[2])
     page = mnist_kmeans.compare([dirs["a"], dirs["b"], dirs["c"]], out=root / "page.html")
     return Runs(root, dirs, page, page.read_text())
 
@@ -116,9 +116,9 @@ def test_page_names_every_run_and_every_k(runs: Runs) -> None:
         assert str(runs.dirs[name]) in runs.html
         assert f"compare-{name}" in runs.html
     assert "other" not in [row[0] for row in page.rows if row]
-    for k in (3, 6, 8):
+    for k in (2, 3, 5):
         assert f'id="k{k}"' in runs.html
-    assert "K = 8 is not in the K grid of a, b." in runs.html
+    assert "K = 5 is not in the K grid of a, b." in runs.html
 
 
 def test_metrics_per_k_hold_each_runs_numbers(runs: Runs) -> None:
@@ -128,7 +128,7 @@ def test_metrics_per_k_hold_each_runs_numbers(runs: Runs) -> None:
         # the ARI rows, one per K table in K order: this run's value in its column, a dash where it has no such K
         ari_rows = [row for row in rows if row and row[0] == "ari"]
         assert len(ari_rows) == 3
-        for row, k in zip(ari_rows, (3, 6, 8), strict=True):
+        for row, k in zip(ari_rows, (2, 3, 5), strict=True):
             assert row[column] == (f"{results[k]['ari']:.4f}" if k in results else "—")
 
 
@@ -149,6 +149,8 @@ def test_what_differs_is_the_jobs_differences(runs: Runs) -> None:
     assert not keys & {"n_init", "lloyd_steps", "screen_rows"}  # the same in every job
     seeds = next(row for row in _tables(shown).rows if row[0] == "seed")
     assert seeds[1:] == ["3", "4", "3"]
+    k_grids = next(row for row in _tables(shown).rows if row[0] == "k_grid")
+    assert k_grids[1:] == ["[2, 3]", "[2, 3]", "[2, 3, 5]"]
     shared = {row[0] for row in _tables(differ[differ.index("<details>") :]).rows}
     assert {"n_init", "lloyd_steps"} <= shared
 
@@ -208,8 +210,7 @@ def test_command_writes_the_page_and_prints_its_path(runs: Runs, tmp_path: Path)
     html = (tmp_path / "compare.html").read_text()
     assert str(runs.dirs["c"]) in html and str(runs.dirs["b"]) not in html
     # an earlier comparison page is replaced
-    proc = run_cli("compare", str(runs.dirs["b"]), str(runs.dirs["c"]), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["compare", str(runs.dirs["b"]), str(runs.dirs["c"]), "--out", str(tmp_path / "compare.html")]) == 0
     assert str(runs.dirs["b"]) in (tmp_path / "compare.html").read_text()
 
 

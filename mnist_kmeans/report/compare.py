@@ -240,7 +240,6 @@ def _run_row(run: ComparedRun) -> dict[str, Any]:
         "run_dir": str(run.data.run_dir),
         "job": fmt_value(metrics.get("job")),
         "started": fmt_value(metrics.get("started_utc")),
-        "finished": fmt_value(metrics.get("finished_utc")),
         "ks": ", ".join(str(r["k"]) for r in run.data.results),
         "best_k": run.data.best_k,
         "most_accurate": f"{top['k']} ({fmt_pct(top['accuracy_test'])})",

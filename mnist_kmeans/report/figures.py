@@ -507,14 +507,14 @@ def runs_vs_k(panels: Sequence[Panel], runs: Sequence[str], *, ncols: int = 3, d
     nrows = max(1, math.ceil(len(panels) / ncols))
     height = 2.9 * nrows + _LEGEND_IN
     fig = _figure(3.8 * ncols, height, dpi)
-    axes = fig.subplots(nrows, ncols, squeeze=False).flat
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     ks = sorted({k for panel in panels for line in panel.lines.values() for k in line})
     for ax, panel in zip(axes, panels, strict=False):
         _run_lines(ax, panel, runs)
         _k_axis(ax, ks)
         ax.set_xlabel("K (log scale)", color=INK, fontsize=9)
         ax.set_title(panel.title, loc="left", fontsize=10.5, color=INK)
-    for ax in list(axes)[len(panels) :]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     _runs_legend(fig, axes[0], len(runs))
     fig.tight_layout(rect=(0, 0, 1, 1 - _LEGEND_IN / height))
