@@ -8,7 +8,7 @@ The package reads like the data flow::
     report/    figures and the self-contained HTML report
     run.py     one job end to end; cli.py is a thin layer on top
 
-The Python API (docs/contract.md, "Python API"): :func:`compare` sets finished runs of the same data side by side.
+The Python API: :func:`compare` sets finished runs of the same data side by side (docs/contract.md, "compare").
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 "compare").
 
 Real runs: three tiny jobs that differ in seed, epochs, batch size and K grid on one tiny store (300 rows of 12 x 9),
-and one on another store of the same shape, each run by ``run_job`` on one real ``LocalCluster`` (two worker
-processes on 127.0.0.1) that the module shares; the page is parsed, and opened in headless Chromium.
+and one on another store of the same shape, each run by ``run_job`` on one real ``LocalCluster`` (two workers, a
+thread each, the scheduler on 127.0.0.1) that the module shares; the page is parsed, and opened in headless Chromium.
 """
 
 from __future__ import annotations
@@ -56,8 +56,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("compare")
     store, _ = make_small_store(root / "store", seed=1)
     other_store, _ = make_small_store(root / "other-store", seed=2)  # same shape, other images: other md5 sums
+    # worker threads in this process: no worker process to start and import the numeric stack, which was half of
+    # this module's time
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0", memory_limit="2GiB"
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
     ) as cluster:
         dirs = {name: _run(root, cluster, store, name, **changes) for name, changes in JOBS.items()}
         dirs["other"] = _run(root, cluster, other_store, "other", k_grid=[2])
@@ -153,6 +160,35 @@ def test_what_differs_is_the_jobs_differences(runs: Runs) -> None:
     assert k_grids[1:] == ["[2, 3]", "[2, 3]", "[2, 3, 5]"]
     shared = {row[0] for row in _tables(differ[differ.index("<details>") :]).rows}
     assert {"n_init", "lloyd_steps"} <= shared
+
+
+def _with_fields(source: Path, target: Path, per_k: dict[str, float], k_selection: dict | None) -> Path:
+    """A copy of a finished run whose metrics.json has more per-K fields (and a k_selection), as a later version
+    of ``run`` may write them."""
+    shutil.copytree(source, target)
+    metrics = _metrics(target)
+    for result in metrics["results"]:
+        result.update({key: value * result["k"] for key, value in per_k.items()})
+    if k_selection is not None:
+        metrics["k_selection"] = k_selection
+    (target / "metrics.json").write_text(json.dumps(metrics))
+    return target
+
+
+def test_new_per_k_fields_and_k_selection_show_by_themselves(runs: Runs, tmp_path: Path) -> None:
+    @dataclass
+    class ApiRun:  # what the Python API's runs look like to compare: an object with a path
+        path: Path
+
+    first = _with_fields(runs.dirs["a"], tmp_path / "x", {"calinski_harabasz": 1.5, "only_here": 2.0}, {"knee": 3})
+    second = _with_fields(runs.dirs["b"], tmp_path / "y", {"calinski_harabasz": 2.5}, None)
+    html = mnist_kmeans.compare([ApiRun(first), second], out=tmp_path / "p.html").read_text()
+    rows = _tables(html).rows
+    ch = [row for row in rows if row and row[0] == "calinski_harabasz"]
+    assert [row[1:] for row in ch] == [["3.0000", "5.0000"], ["4.5000", "7.5000"]]  # K = 2, 3
+    assert not [row for row in rows if row and row[0] == "only_here"]
+    assert "only some of the runs have it: only_here" in " ".join(html.split())
+    assert ["k_selection.knee", "3", "—"] in rows
 
 
 def test_timings_of_every_run(runs: Runs) -> None:
@@ -255,6 +291,7 @@ def test_an_unfinished_run_is_refused(runs: Runs, capsys: pytest.CaptureFixture[
         ("metrics.json", "metrics.json: not valid JSON"),
         ("job.yaml", "job.yaml: not valid YAML"),
         ("manifest.json", "manifest.json: missing"),
+        ("no-job", "job.yaml: file not found"),
         ("no-md5", "manifest.json: key 'data.md5' is missing"),
     ],
 )
@@ -265,6 +302,8 @@ def test_missing_or_corrupt_files_are_one_line(
     shutil.copytree(runs.dirs["b"], bad)
     if broken == "manifest.json":
         (bad / broken).unlink()
+    elif broken == "no-job":
+        (bad / "job.yaml").unlink()
     elif broken == "no-md5":
         manifest = json.loads((bad / "manifest.json").read_text())
         del manifest["data"]["md5"]
@@ -272,7 +311,8 @@ def test_missing_or_corrupt_files_are_one_line(
     else:
         (bad / broken).write_text("{: [unclosed\n")
     line = _refused([str(runs.dirs["a"]), str(bad), "--out", str(tmp_path / "p.html")], capsys)
-    assert f"{bad / ('manifest.json' if broken == 'no-md5' else broken)}" in line and named in line
+    file = {"no-md5": "manifest.json", "no-job": "job.yaml"}.get(broken, broken)
+    assert f"{bad / file}" in line and named in line
     assert not (tmp_path / "p.html").exists()
 
 

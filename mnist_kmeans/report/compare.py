@@ -122,8 +122,8 @@ def check_same_data(runs: Sequence[ComparedRun]) -> None:
         if other != reference:
             raise UserError(
                 f"{run.data.run_dir}: not on the same data as {first.data.run_dir} "
-                f"(dataset {_first_difference(reference, other)} differs); compare sets runs of the same data side "
-                "by side"
+                f"(their data's {_first_difference(reference, other)} differs); compare sets runs of the same data "
+                "side by side"
             )
 
 
