@@ -33,6 +33,7 @@ JOBS = {
     "c": {"epochs": 2, "batch_size": 64, "k_grid": [2, 3, 5]},
 }
 DIFFERING = {"name", "seed", "epochs", "batch_size", "k_grid"}
+HOSTILE = ' <img src=x onerror="alert(1)">&amp;'  # in run c's job name: shown as text, never as markup
 
 
 @dataclass
@@ -45,7 +46,8 @@ class Runs:
 
 def _run(root: Path, cluster: LocalCluster, store: str, name: str, **changes: object) -> Path:
     job = root / f"{name}.yaml"
-    job.write_text(yaml.safe_dump({"name": f"compare-{name}", **BASE_JOB, **changes}, sort_keys=False))
+    title = f"compare-{name}" + (HOSTILE if name == "c" else "")
+    job.write_text(yaml.safe_dump({"name": title, **BASE_JOB, **changes}, sort_keys=False))
     out = root / name
     run_job(str(job), scheduler=cluster.scheduler_address, store=store, out=str(out), log=lambda line: None)
     return out
@@ -196,6 +198,12 @@ def test_timings_of_every_run(runs: Runs) -> None:
     rows = _tables(html[html.index('id="timings"') :]).rows
     total = next(row for row in rows if row[0] == "total")
     assert len(total) == 4 and all(cell != "—" for cell in total[1:])
+
+
+def test_user_text_is_escaped(runs: Runs) -> None:
+    assert '<img src=x onerror="alert(1)">' not in runs.html
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;&amp;amp;" in runs.html
+    assert len(_tables(runs.html).images) == 3  # the three figures, no image from the job's name
 
 
 def test_page_is_self_contained(runs: Runs) -> None:

@@ -361,7 +361,7 @@ def _check_out(out: Path, runs: Sequence[ComparedRun]) -> None:
         raise UserError(f"{out}: exists and is not a comparison page; will not overwrite it")
 
 
-def compare(runs: Iterable[RunRef], out: str | os.PathLike[str] | None = None) -> Path:
+def compare(runs: Iterable[RunRef], *, out: str | os.PathLike[str] | None = None) -> Path:
     """Write one self-contained HTML page comparing finished runs of the same data; returns its path.
 
     ``runs``: at least two run directories (paths, or runs of the Python API), shown in that order. ``out``: the
