@@ -11,6 +11,7 @@ differs when a client is given), and a :class:`Run` reads its directory as ``mni
 from __future__ import annotations
 
 import os
+from html import escape
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -107,7 +108,6 @@ class Run:
 
     def __init__(self, data: RunData):
         self._data = data
-        self._models: dict[int, RunKMeans] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -146,9 +146,9 @@ class Run:
         from mnist_kmeans.report.rundir import load_centroids
 
         k = self._k(k)
-        job = self.job or JobConfig(name="", k_grid=(k,))
-        row = next(r for r in self._data.results if r["k"] == k)
-        return run_model(load_centroids(self._data, k), self._chunk_rows, row["inertia"], job.seed, job.batch_size)
+        seed, batch_size = (self.job.seed, self.job.batch_size) if self.job else (JobConfig.seed, JobConfig.batch_size)
+        inertia = next(r["inertia"] for r in self._data.results if r["k"] == k)
+        return run_model(load_centroids(self._data, k), self._chunk_rows, inertia, seed, batch_size)
 
     def predict_labels(self, k: int, images: Any) -> np.ndarray:
         """The class (int64; -1 for an empty cluster) the model of K gives each image.
@@ -174,7 +174,7 @@ class Run:
 
         context = build_context(self._data, [], [], load_seed_table())
         blocks = render_blocks(context, ["summary", "metrics"])
-        return f'<div class="mnist-kmeans-run">{blocks}<p><code>{_escape(self.report_path)}</code></p></div>'
+        return f'<div class="mnist-kmeans-run">{blocks}<p><code>{escape(str(self.report_path))}</code></p></div>'
 
     # --- checks at the edge ---------------------------------------------------------------------------------------
 
@@ -206,9 +206,3 @@ class Run:
         if not np.isfinite(rows).all() or rows.min() < 0 or rows.max() > 1:
             raise UserError("images: float pixels must be finite and in [0, 1] (uint8 images are divided by 255)")
         return rows.astype(np.float32)
-
-
-def _escape(value: object) -> str:
-    from markupsafe import escape
-
-    return str(escape(str(value)))

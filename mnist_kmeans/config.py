@@ -225,12 +225,14 @@ def resolve_job(job: JobSpec) -> tuple[JobConfig, str | None]:
     """``job`` validated exactly as a job file is, and the path of its file (None for a mapping or a JobConfig).
 
     A mapping's errors name ``job: KEY``; its relative ``store`` is taken from the working directory. A JobConfig is
-    checked again through its ``to_yaml_dict``, so one built by hand meets the same bounds as a file.
+    checked again through its ``to_yaml_dict``, so one built by hand meets the same bounds as a file; left at the
+    dataclass's default, its ``centroid_grids`` means "not given" and takes a file's default (which depends on K).
     """
     if isinstance(job, (str, os.PathLike)):
         return load_job(os.fspath(job)), os.fspath(job)
     if isinstance(job, JobConfig):
-        job = job.to_yaml_dict()
+        unset = job.centroid_grids == JobConfig.centroid_grids
+        job = {key: value for key, value in job.to_yaml_dict().items() if not (key == "report" and unset)}
     if not isinstance(job, Mapping):
         raise UserError(f"job: must be a job file's path, a mapping or a JobConfig, got {type(job).__name__}")
     return job_from_mapping(dict(job), "job", Path.cwd()), None

@@ -24,7 +24,7 @@ import mnist_kmeans
 from mnist_kmeans.config import JobConfig
 from mnist_kmeans.data.idx import IdxReader
 from mnist_kmeans.data.store import load_chunk, open_store
-from mnist_kmeans.errors import UserError
+from mnist_kmeans.errors import ClusterError, UserError
 from mnist_kmeans.evaluate import chunk_stats_task
 from mnist_kmeans.model import run_model
 from tests.helpers import IDX_NAMES, MNIST_DIR, REPO_ROOT
@@ -80,6 +80,28 @@ def test_run_on_the_callers_client_leaves_it_open(api_run: mnist_kmeans.Run, cli
     assert api_run.job is not None and api_run.job.name == JOB["name"] and api_run.job.k_grid == (10, 16)
     # a job given as a mapping is resumed from the run's own job.yaml, a job file like any other
     assert (api_run.path / "job.yaml").is_file()
+
+
+def test_a_resume_through_the_api_ends_with_the_same_centroids(
+    api_run: mnist_kmeans.Run, client: Client, mnist_home: Path, tmp_path: Path
+) -> None:
+    """The same dict job resumed in a copy of the finished run (every epoch saved): bit-identical centroids."""
+    copy = shutil.copytree(api_run.path, tmp_path / "run")
+    again = mnist_kmeans.run({**JOB, "store": str(mnist_home / "mnist.zarr")}, client=client, resume=copy)
+    assert again.path == Path(copy)
+    for k in (10, 16):
+        np.testing.assert_array_equal(again.model(k).cluster_centers_, api_run.model(k).cluster_centers_)
+    assert again.metrics["accuracy_test"].tolist() == api_run.metrics["accuracy_test"].tolist()
+
+
+def test_a_closed_client_is_a_cluster_error_and_leaves_nothing(
+    client: Client, mnist_home: Path, tmp_path: Path
+) -> None:
+    closed = Client(client.scheduler.address)
+    closed.close()
+    with pytest.raises(ClusterError, match="the client given is closed"):
+        mnist_kmeans.run({**JOB, "store": str(mnist_home / "mnist.zarr")}, client=closed, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_hold_every_per_k_field(api_run: mnist_kmeans.Run) -> None:
@@ -212,6 +234,7 @@ def test_figures(api_run: mnist_kmeans.Run) -> None:
         ({"k_grid": [4]}, "job: name: missing (required)"),
         ({"name": "x", "k_grid": [4], "report": {"centroid_grids": [5]}}, "job: report.centroid_grids: K=5"),
         (JobConfig(name="x", k_grid=(4,), epochs=0), "job: epochs: must be >= 1, got 0"),
+        (JobConfig(name="x", k_grid=(4,), centroid_grids=(5,)), "job: report.centroid_grids: K=5"),
         (42, "job: must be a job file's path, a mapping or a JobConfig, got int"),
         ("no-such-job.yaml", "no-such-job.yaml"),
     ],
@@ -222,6 +245,17 @@ def test_a_bad_job_is_refused_before_any_cluster(job: object, message: str, tmp_
         mnist_kmeans.run(job, out=tmp_path / "run")
     assert message in str(caught.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_job_config_is_the_job_file_it_would_be(tmp_path: Path) -> None:
+    """A JobConfig built by hand resolves to what a job file of the same keys gives (defaults included)."""
+    from mnist_kmeans.config import load_job, resolve_job
+
+    (tmp_path / "job.yaml").write_text("name: x\nk_grid: [4, 8]\nseed: 5\nstore: s3://bucket/m.zarr\n")
+    from_file = load_job(tmp_path / "job.yaml")
+    made = JobConfig(name="x", k_grid=(4, 8), seed=5, store="s3://bucket/m.zarr")
+    assert resolve_job(made) == (from_file, None)
+    assert resolve_job({"name": "x", "k_grid": [8, 4], "seed": 5, "store": "s3://bucket/m.zarr"}) == (from_file, None)
 
 
 def test_open_run_refuses_what_is_no_finished_run(tmp_path: Path) -> None:
