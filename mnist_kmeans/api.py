@@ -11,9 +11,9 @@ differs when a client is given), and a :class:`Run` reads its directory as ``mni
 from __future__ import annotations
 
 import os
-from html import escape
 from dataclasses import dataclass
 from functools import cached_property
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
