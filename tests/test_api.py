@@ -94,6 +94,21 @@ def test_a_resume_through_the_api_ends_with_the_same_centroids(
     assert again.metrics["accuracy_test"].tolist() == api_run.metrics["accuracy_test"].tolist()
 
 
+def test_without_a_client_it_runs_as_the_command_line(
+    client: Client, kgrid_store: tuple[str, object], tmp_path: Path
+) -> None:
+    """No client: the cluster file's embedded cluster is started and closed, as by `mnist-kmeans run`; the centroids
+    are those of the same job on the caller's client (one path, any cluster)."""
+    job = {"name": "small", "k_grid": [3, 5], "epochs": 1, "n_init": 2, "seed": 1, "store": kgrid_store[0]}
+    (tmp_path / "cluster.yaml").write_text("local:\n  n_workers: 1\n  processes: false\n  dashboard_address: '127.0.0.1:0'\n")
+    alone = mnist_kmeans.run(job, cluster=tmp_path / "cluster.yaml", out=tmp_path / "alone")
+    manifest = json.loads((alone.path / "manifest.json").read_text())
+    assert manifest["cluster"]["embedded"] is True and manifest["cluster"]["n_workers"] == 1
+    on_client = mnist_kmeans.run(job, client=client, out=tmp_path / "on-client")
+    for k in (3, 5):
+        np.testing.assert_array_equal(alone.model(k).cluster_centers_, on_client.model(k).cluster_centers_)
+
+
 def test_a_closed_client_is_a_cluster_error_and_leaves_nothing(
     client: Client, mnist_home: Path, tmp_path: Path
 ) -> None:
