@@ -1,9 +1,9 @@
 """A run's K as a fitted scikit-learn ``MiniBatchKMeans`` (the Python API's ``Run.model``): its final centroids, and a
 ``predict`` that assigns every row exactly as the run's evaluation did.
 
-scikit-learn's own ``predict`` computes the same nearest centroid with another kernel (its float32 distances in
-blocks of 256 rows, ``||x||²`` added before the argmin), which rounds differently: a row that is nearly as close to
-two centroids can land in the other one, and the run's accuracy would not be reproduced exactly. So ``predict``
+scikit-learn's own ``predict`` computes the same nearest centroid with another kernel (``||c||²`` added inside the
+GEMM, blocks of 256 rows under OpenMP), which rounds differently: a row that is nearly as close to two centroids can
+land in the other one, and the run's accuracy would not be reproduced exactly. So ``predict``
 calls the evaluation's own :func:`mnist_kmeans.evaluate.assign`, on blocks of the store's chunk rows and with one
 BLAS thread, as a worker runs it (README, "From a notebook"); whatever that function becomes, ``predict`` follows.
 """

@@ -100,7 +100,8 @@ def test_without_a_client_it_runs_as_the_command_line(
     """No client: the cluster file's embedded cluster is started and closed, as by `mnist-kmeans run`; the centroids
     are those of the same job on the caller's client (one path, any cluster)."""
     job = {"name": "small", "k_grid": [3, 5], "epochs": 1, "n_init": 2, "seed": 1, "store": kgrid_store[0]}
-    (tmp_path / "cluster.yaml").write_text("local:\n  n_workers: 1\n  processes: false\n  dashboard_address: '127.0.0.1:0'\n")
+    local = "local:\n  n_workers: 1\n  processes: false\n  dashboard_address: '127.0.0.1:0'\n"
+    (tmp_path / "cluster.yaml").write_text(local)
     alone = mnist_kmeans.run(job, cluster=tmp_path / "cluster.yaml", out=tmp_path / "alone")
     manifest = json.loads((alone.path / "manifest.json").read_text())
     assert manifest["cluster"]["embedded"] is True and manifest["cluster"]["n_workers"] == 1
