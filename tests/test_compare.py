@@ -21,7 +21,7 @@ from distributed import LocalCluster
 import mnist_kmeans
 from mnist_kmeans.cli import main
 from mnist_kmeans.errors import UserError
-from mnist_kmeans.run import run_job
+from mnist_kmeans.pipeline import run_job
 from tests.helpers import make_small_store, run_cli, tree_snapshot
 from tests.test_report import CHROMIUM
 
@@ -178,13 +178,9 @@ def _with_fields(source: Path, target: Path, per_k: dict[str, float], k_selectio
 
 
 def test_new_per_k_fields_and_k_selection_show_by_themselves(runs: Runs, tmp_path: Path) -> None:
-    @dataclass
-    class ApiRun:  # what the Python API's runs look like to compare: an object with a path
-        path: Path
-
     first = _with_fields(runs.dirs["a"], tmp_path / "x", {"calinski_harabasz": 1.5, "only_here": 2.0}, {"knee": 3})
     second = _with_fields(runs.dirs["b"], tmp_path / "y", {"calinski_harabasz": 2.5}, None)
-    html = mnist_kmeans.compare([ApiRun(first), second], out=tmp_path / "p.html").read_text()
+    html = mnist_kmeans.compare([mnist_kmeans.open_run(first), second], out=tmp_path / "p.html").read_text()
     rows = _tables(html).rows
     ch = [row for row in rows if row and row[0] == "calinski_harabasz"]
     assert [row[1:] for row in ch] == [["3.0000", "5.0000"], ["4.5000", "7.5000"]]  # K = 2, 3
