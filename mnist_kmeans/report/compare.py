@@ -41,8 +41,8 @@ MAX_PAGE_BYTES = 256 << 20  # an earlier comparison page: figures of a few runs,
 SETTING_FIELDS = ("epochs", "lloyd_steps", "n_init", "restart")
 """Per-K numbers that are settings, not measurements: in the tables, not drawn as curves."""
 
-RunRef = str | os.PathLike[str] | Any
-"""A run directory: a path, or an object with a ``path`` (a run of the Python API)."""
+RunRef = Any
+"""A run directory: a path (``str`` or ``os.PathLike``), or an object with a ``path`` (a ``Run`` of the Python API)."""
 
 
 @dataclass(frozen=True)
@@ -205,20 +205,22 @@ def _settings_tables(runs: Sequence[ComparedRun]) -> tuple[list[dict[str, Any]],
     return differ, [row for row in rows if len(set(row["cells"])) == 1]
 
 
+def _step_name(key: str) -> str:
+    """A key of ``timings`` as the page names its step: ``cluster_start_s`` -> "cluster start"."""
+    return key.removesuffix("_s").replace("_", " ")
+
+
 def _step_seconds(run: ComparedRun) -> dict[str, float]:
     """The run's timings (``metrics.json`` ``timings``) by step name, without the total."""
     timings = run.data.metrics.get("timings", {})
-    return {k.removesuffix("_s"): v for k, v in timings.items() if k != "total_s" and is_num(v)}
+    return {_step_name(k): v for k, v in timings.items() if k != "total_s" and is_num(v)}
 
 
 def _timings_table(runs: Sequence[ComparedRun]) -> list[dict[str, Any]]:
     """A row per step (and the total last), a cell per run."""
     timings = [run.data.metrics.get("timings", {}) for run in runs]
     keys = [k for k in dict.fromkeys(k for t in timings for k in t) if k != "total_s"] + ["total_s"]
-    rows = [
-        {"key": k.removesuffix("_s").replace("_", " "), "cells": [fmt_secs(t.get(k)) for t in timings]} for k in keys
-    ]
-    return rows
+    return [{"key": _step_name(k), "cells": [fmt_secs(t.get(k)) for t in timings]} for k in keys]
 
 
 def _k_selection_table(runs: Sequence[ComparedRun]) -> list[dict[str, Any]]:
