@@ -333,3 +333,8 @@ def test_out_never_overwrites_a_run_or_a_foreign_file(
     assert "exists and is not a comparison page" in _refused([a, b, "--out", str(notes)], capsys)
     assert notes.read_text() == "<p>mine</p>"
     assert "is a directory" in _refused([a, b, "--out", str(tmp_path)], capsys)
+
+
+def test_compare_is_public() -> None:
+    assert "compare" in mnist_kmeans.__all__
+    assert mnist_kmeans.compare.__module__ == "mnist_kmeans.report.compare"
