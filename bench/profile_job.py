@@ -44,7 +44,7 @@ def profile(job_file: str, store: str, overrides: dict, workers: int) -> dict:
 
     from mnist_kmeans.checkpoint import Checkpoint
     from mnist_kmeans.config import load_job, with_overrides
-    from mnist_kmeans.run import ensure_store, fit_and_evaluate
+    from mnist_kmeans.pipeline import ensure_store, fit_and_evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         text = yaml.safe_load(Path(job_file).read_text())

@@ -73,7 +73,7 @@ def peer_warm(store: str, address: str, seed: int) -> dict:
 
     from mnist_kmeans.checkpoint import Checkpoint
     from mnist_kmeans.config import load_job, with_overrides
-    from mnist_kmeans.run import ensure_store, fit_and_evaluate
+    from mnist_kmeans.pipeline import ensure_store, fit_and_evaluate
 
     job = with_overrides(load_job(str(REPO / "jobs/mnist_kgrid.yaml")), store=store, seed=seed)
     info, _ = ensure_store(job.store, log=lambda m: None)
