@@ -11,6 +11,7 @@ equal ``sklearn.metrics`` on the original vectors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ class PassStats:
     counts: np.ndarray  # int64 (K,): rows nearest to each center
     contingency: np.ndarray  # int64 (K, n_classes): rows per (nearest center, true class)
     sums: np.ndarray | None = field(default=None)  # float64 (K, n_features): per-center sum of its rows
+    # The evaluation pass's label of each row, kept only in one chunk's own statistics (``+`` drops it): the
+    # selection pass reads it on the worker (kselect.py).
+    labels: np.ndarray | None = field(default=None)
 
     def __add__(self, other: PassStats) -> PassStats:
         sums = None if self.sums is None or other.sums is None else self.sums + other.sums
@@ -76,6 +80,7 @@ def chunk_stats(
     with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
     gemm_groups: Sequence[int] = (),
+    evaluation: bool = False,
 ) -> list[PassStats]:
     """Statistics of each center set (every K of the grid, the restarts of a K ...) on the rows ``x`` (float32) with
     classes ``y``, read once for all of them.
@@ -86,7 +91,8 @@ def chunk_stats(
     (default: one each, with its history). Sharing is faster for small K, but BLAS rounds a column of a product
     differently depending on the other columns: only sets that always travel together (the restarts of one K) may
     share, or a set's labels would depend on what else its pass holds, and a resumed run, whose passes hold other
-    sets, could end with other centroids. A pure function.
+    sets, could end with other centroids. ``evaluation``: the job's evaluation pass, whose statistics also hold the
+    sums in float64 (the means of kselect.py) and the labels. A pure function.
     """
     n = len(center_sets)
     histories = list(histories) or [()] * n
@@ -107,24 +113,27 @@ def chunk_stats(
         ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
         labels, dist = next(assigned)
         ssd.append(float(dist.sum(dtype=np.float64)))
-        out.append(_tables(x, y, labels, len(centers), n_classes, ssd, want_sums))
+        stats = _tables(x, y, labels, len(centers), n_classes, ssd, want_sums or evaluation, evaluation)
+        out.append(dataclasses.replace(stats, labels=labels) if evaluation else stats)
     return out
 
 
-def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: bool) -> PassStats:
+def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: bool, exact: bool) -> PassStats:
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     contingency = np.bincount(labels * n_classes + y, minlength=k * n_classes).reshape(k, n_classes).astype(np.int64)
     sums = None
     if with_sums:
         # A sparse one-hot (K x n) product: one add per pixel whatever K is, 6 ms for 10,000 MNIST rows, where a
         # dense one-hot GEMM costs as much as the distances and np.add.at/reduceat are 5-10x slower. A chunk's
-        # sums are exact enough in float32 (at most chunk_rows values in [0, 1]); chunks are summed in float64.
+        # sums are exact enough in float32 for a Lloyd step (at most chunk_rows values in [0, 1]); chunks are summed
+        # in float64. ``exact``: float64 throughout, for indices compared with scikit-learn's to 1e-6 (kselect.py).
         import scipy.sparse
 
+        rows = x.astype(np.float64) if exact else x
         onehot = scipy.sparse.csr_matrix(
-            (np.ones(len(labels), dtype=x.dtype), (labels, np.arange(len(labels)))), shape=(k, len(labels))
+            (np.ones(len(labels), dtype=rows.dtype), (labels, np.arange(len(labels)))), shape=(k, len(labels))
         )
-        sums = np.asarray(onehot @ x, dtype=np.float64)
+        sums = np.asarray(onehot @ rows, dtype=np.float64)
     return PassStats(np.asarray(ssd, dtype=np.float64), counts, contingency, sums)
 
 
@@ -137,6 +146,7 @@ def chunk_stats_task(
     with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
     gemm_groups: Sequence[int] = (),
+    evaluation: bool = False,
 ) -> list[PassStats]:
     """One task: :func:`chunk_stats` on one chunk of the store, read on the worker."""
     x, y = load_chunk(info, split, chunk)
@@ -150,6 +160,7 @@ def chunk_stats_task(
         with_sums=with_sums,
         histories=histories,
         gemm_groups=gemm_groups,
+        evaluation=evaluation,
     )
 
 

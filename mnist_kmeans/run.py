@@ -49,6 +49,7 @@ from mnist_kmeans.errors import ClusterError, Log, UserError, count, shorten, to
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
+from mnist_kmeans.kselect import CRITERIA, inertia_knee, k_selection, sample_rows
 from mnist_kmeans.reading import read_yaml_mapping
 from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains
 
@@ -130,6 +131,7 @@ class Results:
     best_k: int
     gallery: dict[str, np.ndarray]  # the best model's first misclassified test digits
     timings: dict[str, float]  # metrics.json's; ``report_s`` and ``total_s`` are filled in last
+    k_selection: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics.json's (kselect.k_selection)
 
 
 # --- before the cluster: prepare ---------------------------------------------------------------------------------
@@ -405,6 +407,7 @@ def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
     run, client = session.run, session.client
     fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint)
     best_k = pick_best_k(fit.rows)
+    selection = choose_k(client, fit.rows, run.job.seed, run.info)
     gallery = _gallery(client, run.info, fit.best[best_k], fit.label_maps[str(best_k)])
     t_done = time.perf_counter()
     fit_end = max(result.fit_seconds for result in fit.best.values()) + t_fit
@@ -416,7 +419,7 @@ def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
         "report_s": 0.0,
         "total_s": 0.0,
     }
-    return Results(fit, best_k, gallery, timings)
+    return Results(fit, best_k, gallery, timings, selection)
 
 
 def plan_of(job: JobConfig, info: StoreInfo) -> FitPlan:
@@ -471,6 +474,10 @@ def _result_row(result: KResult, job: JobConfig, scores: dict[str, float], mappi
         "inertia_test": result.test.inertia,
         "inertia_per_epoch": result.trajectory,
         "fit_seconds": round(result.fit_seconds, 3),
+        **{name: result.selection.get(name) for name in CRITERIA},
+        # how far the restarts agree at the screening (kselect.restart_agreement); null with one restart
+        "restart_ari_mean": float(np.mean(result.restart_agreement)) if result.restart_agreement else None,
+        "restart_ari_min": min(result.restart_agreement) if result.restart_agreement else None,
     }
 
 
@@ -481,6 +488,14 @@ def pick_best_k(rows: list[dict]) -> int:
     always pick the largest K. ARI is adjusted for chance and comparable across K.
     """
     return max(rows, key=lambda row: (row["ari"], -row["k"]))["k"]
+
+
+def choose_k(client: Client, rows: list[dict], seed: int, info: StoreInfo) -> dict[str, Any]:
+    """metrics.json's ``k_selection``: each label-free criterion's K and the recommendation (kselect.k_selection);
+    the knee is found on the cluster, where kneed and scipy are imported anyway."""
+    ks, inertia = [row["k"] for row in rows], [row["inertia"] for row in rows]
+    knee = client.submit(inertia_knee, ks, inertia, pure=False).result()
+    return k_selection(rows, knee, len(sample_rows(info.n_train, seed)))
 
 
 def _gallery(client: Client, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
@@ -536,6 +551,7 @@ def _metrics(session: ClusterRun, results: Results) -> dict[str, Any]:
         },
         "results": results.fit.rows,
         "best_k": results.best_k,
+        "k_selection": results.k_selection,
         "inertia_per_epoch_note": _inertia_note(session.run.job),
         "restart_inertia_note": (
             "exact training inertia of each restart after its first screen_rows rows; only the lowest (restart) went on"

@@ -8,12 +8,16 @@ The graph, in three phases::
     2. every K's epochs       fit_chunk × (epochs · n_chunks - S)         the chosen chain (fit.py, map)
     3. the grid's passes      [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update per K] × lloyd_steps
                               chunk_stats × n_chunks of train and of test ─▶ tree of combine    the evaluation
+                              selection_chunk_task × n_chunks ─▶ tree of combine ─▶ selection_scores per K
+                                                                          the label-free indices (kselect.py)
 
 Restarts are screened as scikit-learn's ``MiniBatchKMeans`` screens its ``n_init`` initialisations: every restart
 runs only its first chunk(s), they are compared by their exact training inertia, and only the best runs its epochs
 and Lloyd steps. So restarts cost one chunk each whatever the size of the data set, and the K's with the most
 restarts (the small ones, where the local optimum found varies most) do not multiply the work of the rest. With
-one restart there is no screening.
+one restart there is no screening. The screening also measures how far the restarts agree on the selection sample
+(:func:`screen_outcome`): the losing restarts' centers exist only then, so that agreement is saved with the
+winner's chain, like its inertia, and a resumed run reports the same numbers.
 
 Every statistics pass serves the whole grid at once: each chunk task reads its rows once for every K that needs the
 pass, a sixth of the tasks of a pass per K. The restarts of a K share one GEMM (small-K products alone use a fraction
@@ -45,6 +49,16 @@ from mnist_kmeans.data.store import StoreInfo
 from mnist_kmeans.errors import UserError
 from mnist_kmeans.evaluate import PassStats, chunk_stats_task, combine, lloyd_update
 from mnist_kmeans.fit import ChainState, FitParams, draw_sample, fit_chunk, init_chain
+from mnist_kmeans.kselect import (
+    cluster_means,
+    restart_agreement,
+    rows_in_chunk,
+    sample_distances,
+    sample_rows,
+    selection_chunk_task,
+    selection_scores,
+)
+from mnist_kmeans.kselect import draw_sample as draw_selection_sample
 from mnist_kmeans.progress import Progress
 
 # Every K's start (phase 1) runs before any epoch: the small K, whose many restarts make long sequences of short
@@ -75,6 +89,8 @@ class KResult:
     test: PassStats
     trajectory: list[float]  # training inertia after each epoch, then after each Lloyd step
     fit_seconds: float
+    restart_agreement: list[float] = field(default_factory=list)  # ARI of each pair of restarts (Screening)
+    selection: dict[str, float | None] = field(default_factory=dict)  # kselect.selection_scores
 
 
 # --- the tasks this module adds (module-level: they run on the workers) ----------------------------------------------
@@ -101,8 +117,22 @@ def select_restart(stats: list[PassStats], start: int, stop: int) -> int:
     return int(np.argmin([st.inertia for st in stats[start:stop]]))
 
 
-def pick(index: int, items: Sequence[Any]) -> Any:
-    return items[index]
+@dataclass(frozen=True)
+class Screening:
+    """The outcome of a K's screening: the restart that goes on, and the adjusted Rand index of each pair of
+    restarts' assignments of the selection sample (pairs in ``itertools.combinations`` order)."""
+
+    index: int
+    agreement: list[float]
+
+
+def screen_outcome(stats: list[PassStats], start: int, stop: int, sample: np.ndarray, *centers: np.ndarray) -> Screening:
+    """:func:`select_restart`, and how far the restarts (``centers``, in restart order) agree on ``sample``."""
+    return Screening(select_restart(stats, start, stop), restart_agreement(sample, centers))
+
+
+def winner(screening: Screening, chains: Sequence[Any]) -> Any:
+    return chains[screening.index]
 
 
 def lloyd_step(index: int, centers: Sequence[np.ndarray], stats: list[PassStats]) -> np.ndarray:
@@ -120,13 +150,14 @@ class ResultKind(Enum):
     EPOCH = "epoch"  # a fit_chunk task that ends epoch ``step``: counted, and its chain state saved
     SAVE = "save"  # the screening's winner, which ended epoch 1: saved (its chunks were counted as they ran)
     SCREEN = "screen"  # the screening pass: each restart's training inertia
-    SELECT = "select"  # the index of the restart that won the screening
+    SELECT = "select"  # the Screening: the restart that won and how far the restarts agree
     EPOCHS = "epochs"  # the grid pass after the epochs: the inertia after each epoch
     LLOYD_STATS = "lloyd-stats"  # the grid pass before Lloyd step ``step``: the inertia after step ``step - 1``
     LLOYD = "lloyd"  # the centers after Lloyd step ``step``: saved
     EVAL_TRAIN = "eval-train"  # the statistics of the final centers over the training split
     EVAL_TEST = "eval-test"  # ... over the test split
     FINAL = "final"  # the final centers
+    SELECTION = "selection"  # the label-free indices of the final centers (kselect.selection_scores)
 
 
 @dataclass(frozen=True)
@@ -189,6 +220,8 @@ class _KRecord:
     t_fit_end: float | None = None
     chosen: int | None = None
     restart_inertia: dict[int, float] = field(default_factory=dict)  # each restart's, at the screening
+    restart_agreement: list[float] = field(default_factory=list)  # Screening.agreement
+    selection: dict[str, float | None] = field(default_factory=dict)
     epoch_inertia: list[float] = field(default_factory=list)  # after epochs 1..E-1, then after epoch E
     lloyd_inertia: list[float] = field(default_factory=list)  # after Lloyd steps 1..L-1 (inputs of later passes)
     train: PassStats | None = None
@@ -222,6 +255,8 @@ class _KRecord:
             self.test,
             self.epoch_inertia + lloyd,
             seconds,
+            self.restart_agreement,
+            self.selection,
         )
 
 
@@ -237,6 +272,9 @@ class _Scheduler:
         self.screen_chunks = plan.params.screen_chunks(plan.info)
         self.records: dict[int, _KRecord] = {}
         self.sample: Future | None = None  # the k-means++ sample, drawn only if some chain starts afresh
+        self.selection_rows = sample_rows(plan.info.n_train, plan.params.seed)
+        self.selection_images: Future | None = None  # those rows' images, drawn once
+        self.evaluation: tuple[list[Future], Future] | None = None  # the evaluation pass: its chunks' and its sum
         self.starts: dict[int, _Start] = {}  # phase 1's ends, where each K's phase 2 starts
         self.centers: dict[int, Any] = {}  # each K's current centers (a future, or an array read from the checkpoint)
         self.epoch_centers: dict[int, tuple] = {}  # each K's centers after each epoch but the last
@@ -254,6 +292,7 @@ class _Scheduler:
             ResultKind.EVAL_TRAIN: self.on_eval_train,
             ResultKind.EVAL_TEST: self.on_eval_test,
             ResultKind.FINAL: self.on_final,
+            ResultKind.SELECTION: self.on_selection,
         }
 
     # --- submitting ---------------------------------------------------------------------------------------------
@@ -277,7 +316,21 @@ class _Scheduler:
         priority: int = 0,
     ) -> Future:
         """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
-        parts = [
+        parts = self.chunk_stats(split, center_sets, with_sums, histories, gemm_groups, priority)
+        return tree_reduce(self.client, parts, priority=priority)
+
+    def chunk_stats(
+        self,
+        split: str,
+        center_sets: list[Any],
+        with_sums: bool | list[bool],
+        histories: Sequence = (),
+        gemm_groups: Sequence[int] = (),
+        priority: int = 0,
+        evaluation: bool = False,
+    ) -> list[Future]:
+        """The chunk tasks of :meth:`stats_pass`: a future of ``list[PassStats]`` per chunk."""
+        return [
             self.submit(
                 chunk_stats_task,
                 center_sets,
@@ -287,11 +340,11 @@ class _Scheduler:
                 with_sums=with_sums,
                 histories=histories,
                 gemm_groups=gemm_groups,
+                evaluation=evaluation,
                 priority=priority,
             )
             for chunk in range(self.info.n_chunks(split))
         ]
-        return tree_reduce(self.client, parts, priority=priority)
 
     def fit_chunks(
         self, state: Any, k: int, chunks_done: int, n_tasks: int, save: bool = True, priority: int = 0
@@ -347,6 +400,7 @@ class _Scheduler:
         record.chosen, record.fit_done = restart, epochs_done * self.n_chunks
         attrs = ckpt.chain_attrs(k, restart)
         record.restart_inertia = dict(enumerate(attrs.get("screen_inertia", [])))
+        record.restart_agreement = list(attrs.get("screen_agreement", []))
         if lloyd_done:
             record.epoch_inertia = list(attrs["epoch_inertia"])
             record.lloyd_inertia = list(attrs["lloyd_inertia"])[: lloyd_done - 1]
@@ -360,6 +414,14 @@ class _Scheduler:
             rows = max(self.plan.params.init_rows(k, self.info.n_train) for k in self.plan.restarts)
             self.sample = self.submit(draw_sample, self.info, rows, self.plan.params.seed, priority=START_PRIORITY)
         return self.sample
+
+    def selection_sample(self) -> Future:
+        """The images of the selection sample (kselect.sample_rows), drawn once for the screening and the silhouette."""
+        if self.selection_images is None:
+            self.selection_images = self.submit(
+                draw_selection_sample, self.info, self.selection_rows, priority=START_PRIORITY
+            )
+        return self.selection_images
 
     def start_restarts(self, k: int, n_restarts: int) -> list[Future]:
         """Every restart of K: k-means++, then its screening chunks (not saved); each restart's state after them."""
@@ -386,20 +448,22 @@ class _Scheduler:
             restarts = slice(first, first + len(chains))  # K's restarts among the pass's center sets
             first = restarts.stop
             self.watch(stats, Watched(ResultKind.SCREEN, k, index=restarts))
-            index = self.submit(
-                select_restart,
+            screening = self.submit(
+                screen_outcome,
                 stats,
                 restarts.start,
                 restarts.stop,
+                self.selection_sample(),
+                *center_sets[restarts],
                 watch=Watched(ResultKind.SELECT, k),
                 priority=START_PRIORITY,
             )
-            winner = self.submit(pick, index, chains, priority=START_PRIORITY)
-            self.starts[k] = _Start(winner, self.screen_chunks, [])
+            chosen = self.submit(winner, screening, chains, priority=START_PRIORITY)
+            self.starts[k] = _Start(chosen, self.screen_chunks, [])
             if self.screen_chunks == self.n_chunks:  # the screening ended the first epoch: save the winner's
-                self.watch(winner, Watched(ResultKind.SAVE, k, step=1))
+                self.watch(chosen, Watched(ResultKind.SAVE, k, step=1))
                 if self.plan.epochs > 1:
-                    self.starts[k].epoch_centers.append(self.submit(centers_of, winner))
+                    self.starts[k].epoch_centers.append(self.submit(centers_of, chosen))
 
     # --- phase 2: every K's epochs -------------------------------------------------------------------------------
 
@@ -435,14 +499,23 @@ class _Scheduler:
         n_passes = max(len(passes) for passes in self.passes.values())
         lanes = {k: [None] * (n_passes - len(passes)) + passes for k, passes in self.passes.items()}
         for position in range(n_passes):
-            self.grid_pass([(k, lane[position]) for k, lane in lanes.items() if lane[position] is not None])
+            grid = [(k, lane[position]) for k, lane in lanes.items() if lane[position] is not None]
+            self.grid_pass(grid, evaluation=position == n_passes - 1)
         self.test_pass()
+        self.selection_pass()
 
-    def grid_pass(self, grid: list[tuple[int, GridPass]]) -> None:
-        """One pass over the training split for the K's of ``grid``, and the Lloyd steps made from its sums."""
+    def grid_pass(self, grid: list[tuple[int, GridPass]], evaluation: bool = False) -> None:
+        """One pass over the training split for the K's of ``grid``, and the Lloyd steps made from its sums.
+
+        ``evaluation``: the last pass, which every K takes part in: its chunks keep their labels for the selection
+        pass."""
         center_sets = [self.centers[k] for k, _ in grid]
         histories = [self.epoch_centers[k] if grid_pass.kind is ResultKind.EPOCHS else () for k, grid_pass in grid]
-        stats = self.stats_pass("train", center_sets, [grid_pass.with_sums for _, grid_pass in grid], histories)
+        with_sums = [grid_pass.with_sums for _, grid_pass in grid]
+        parts = self.chunk_stats("train", center_sets, with_sums, histories, evaluation=evaluation)
+        stats = tree_reduce(self.client, parts)
+        if evaluation:
+            self.evaluation = parts, stats
         for index, (k, grid_pass) in enumerate(grid):
             self.watch(stats, Watched(grid_pass.kind, k, grid_pass.lloyd_step, index))
             if grid_pass.kind is ResultKind.EPOCHS and self.plan.lloyd_steps == 0:
@@ -461,6 +534,28 @@ class _Scheduler:
                 self.watch(self.centers[k], Watched(ResultKind.FINAL, k))
             else:  # resumed after its last Lloyd step
                 self.records[k].centers = self.centers[k]
+
+    def selection_pass(self) -> None:
+        """The label-free indices of every K's final centers (kselect.py): one pass over the training split that
+        reads the labels the evaluation's chunks kept, then one task per K."""
+        assert self.evaluation is not None
+        parts, stats = self.evaluation
+        means = self.submit(cluster_means, stats)
+        chunk_rows = self.info.chunk_rows
+        selection = tree_reduce(
+            self.client,
+            [
+                self.submit(
+                    selection_chunk_task, part, means, self.info, chunk, rows_in_chunk(self.selection_rows, chunk, chunk_rows)
+                )
+                for chunk, part in enumerate(parts)
+            ],
+        )
+        distances = self.submit(sample_distances, self.selection_sample())
+        for index, k in enumerate(self.passes):
+            scores = self.submit(selection_scores, stats, selection, index, distances)
+            self.watch(scores, Watched(ResultKind.SELECTION, k))
+        self.evaluation = None  # the chunks' labels are released once the selection pass has run
 
     # --- collecting ----------------------------------------------------------------------------------------------
 
@@ -495,14 +590,19 @@ class _Scheduler:
 
     def on_save(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         self.ckpt.save_epoch(
-            result.part(watched.index), self.plan.epochs, self.plan.lloyd_steps, screen_inertia=record.screen_inertia()
+            result.part(watched.index),
+            self.plan.epochs,
+            self.plan.lloyd_steps,
+            screen_inertia=record.screen_inertia(),
+            screen_agreement=record.restart_agreement,
         )
 
     def on_screen(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         record.restart_inertia = {r: stats.inertia for r, stats in enumerate(result.part(watched.index))}
 
     def on_select(self, record: _KRecord, watched: Watched, result: _Result) -> None:
-        record.chosen = int(result.part(watched.index))
+        screening: Screening = result.part(watched.index)
+        record.chosen, record.restart_agreement = screening.index, list(screening.agreement)
 
     def on_epochs(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         record.epoch_inertia = [float(v) for v in result.part(watched.index).ssd]
@@ -534,6 +634,9 @@ class _Scheduler:
 
     def on_final(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         record.centers = result.part(watched.index)
+
+    def on_selection(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.selection = result.part(watched.index)
 
 
 def run_chains(
