@@ -53,7 +53,6 @@ from mnist_kmeans.kselect import (
     cluster_means,
     restart_agreement,
     rows_in_chunk,
-    sample_distances,
     sample_rows,
     selection_chunk_task,
     selection_scores,
@@ -126,7 +125,9 @@ class Screening:
     agreement: list[float]
 
 
-def screen_outcome(stats: list[PassStats], start: int, stop: int, sample: np.ndarray, *centers: np.ndarray) -> Screening:
+def screen_outcome(
+    stats: list[PassStats], start: int, stop: int, sample: np.ndarray, *centers: np.ndarray
+) -> Screening:
     """:func:`select_restart`, and how far the restarts (``centers``, in restart order) agree on ``sample``."""
     return Screening(select_restart(stats, start, stop), restart_agreement(sample, centers))
 
@@ -546,14 +547,19 @@ class _Scheduler:
             self.client,
             [
                 self.submit(
-                    selection_chunk_task, part, means, self.info, chunk, rows_in_chunk(self.selection_rows, chunk, chunk_rows)
+                    selection_chunk_task,
+                    part,
+                    means,
+                    self.info,
+                    chunk,
+                    rows_in_chunk(self.selection_rows, chunk, chunk_rows),
                 )
                 for chunk, part in enumerate(parts)
             ],
         )
-        distances = self.submit(sample_distances, self.selection_sample())
+        sample = self.selection_sample()
         for index, k in enumerate(self.passes):
-            scores = self.submit(selection_scores, stats, selection, index, distances)
+            scores = self.submit(selection_scores, stats, selection, index, sample)
             self.watch(scores, Watched(ResultKind.SELECTION, k))
         self.evaluation = None  # the chunks' labels are released once the selection pass has run
 
