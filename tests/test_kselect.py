@@ -37,9 +37,7 @@ from tests.helpers import MNIST_DIR, blobs, quiet, run_cli
 
 CLUSTER_FILE = "local: {n_workers: 2, threads_per_worker: 1, memory_limit: 3GiB, dashboard_address: '127.0.0.1:0'}\n"
 MNIST_JOB = "name: kselect\nk_grid: [10, 24]\nepochs: 1\nbatch_size: 1024\nn_init: 2\nlloyd_steps: 1\nseed: 5\n"
-SMALL_JOB = (
-    "name: kselect-small\nk_grid: [3, 8]\nepochs: 2\nbatch_size: 100\nn_init: 3\nlloyd_steps: 1\nseed: 9\n"
-)
+SMALL_JOB = "name: kselect-small\nk_grid: [3, 8]\nepochs: 2\nbatch_size: 100\nn_init: 3\nlloyd_steps: 1\nseed: 9\n"
 PER_K = ("calinski_harabasz", "davies_bouldin", "silhouette_sample", "restart_ari_mean", "restart_ari_min")
 
 
