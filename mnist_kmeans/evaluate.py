@@ -108,17 +108,19 @@ def chunk_stats(
         assigned_sets += _assign_many(x, group, x_sq)
         first += size
     assigned = iter(assigned_sets)
+    # float64 sums in the evaluation: the means of kselect.py, compared with scikit-learn's to 1e-6
+    rows = x.astype(np.float64) if evaluation else x
     out = []
     for centers, hist, want_sums in zip(center_sets, histories, sums, strict=True):
         ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
         labels, dist = next(assigned)
         ssd.append(float(dist.sum(dtype=np.float64)))
-        stats = _tables(x, y, labels, len(centers), n_classes, ssd, want_sums or evaluation, evaluation)
+        stats = _tables(rows, y, labels, len(centers), n_classes, ssd, want_sums or evaluation)
         out.append(dataclasses.replace(stats, labels=labels) if evaluation else stats)
     return out
 
 
-def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: bool, exact: bool) -> PassStats:
+def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: bool) -> PassStats:
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     contingency = np.bincount(labels * n_classes + y, minlength=k * n_classes).reshape(k, n_classes).astype(np.int64)
     sums = None
@@ -126,14 +128,13 @@ def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: b
         # A sparse one-hot (K x n) product: one add per pixel whatever K is, 6 ms for 10,000 MNIST rows, where a
         # dense one-hot GEMM costs as much as the distances and np.add.at/reduceat are 5-10x slower. A chunk's
         # sums are exact enough in float32 for a Lloyd step (at most chunk_rows values in [0, 1]); chunks are summed
-        # in float64. ``exact``: float64 throughout, for indices compared with scikit-learn's to 1e-6 (kselect.py).
+        # in float64. The evaluation passes float64 rows.
         import scipy.sparse
 
-        rows = x.astype(np.float64) if exact else x
         onehot = scipy.sparse.csr_matrix(
-            (np.ones(len(labels), dtype=rows.dtype), (labels, np.arange(len(labels)))), shape=(k, len(labels))
+            (np.ones(len(labels), dtype=x.dtype), (labels, np.arange(len(labels)))), shape=(k, len(labels))
         )
-        sums = np.asarray(onehot @ rows, dtype=np.float64)
+        sums = np.asarray(onehot @ x, dtype=np.float64)
     return PassStats(np.asarray(ssd, dtype=np.float64), counts, contingency, sums)
 
 
