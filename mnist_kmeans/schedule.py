@@ -8,7 +8,7 @@ The graph, in three phases::
     2. every K's epochs       fit_chunk × (epochs · n_chunks - S)         the chosen chain (fit.py, map)
     3. the grid's passes      [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update per K] × lloyd_steps
                               chunk_stats × n_chunks of train and of test ─▶ tree of combine    the evaluation
-                              selection_chunk_task × n_chunks ─▶ tree of combine ─▶ selection_scores per K
+                              selection_chunk_task × n_chunks ─▶ tree of combine ─▶ selection_scores
                                                                           the label-free indices (kselect.py)
 
 Restarts are screened as scikit-learn's ``MiniBatchKMeans`` screens its ``n_init`` initialisations: every restart
@@ -557,10 +557,9 @@ class _Scheduler:
                 for chunk, part in enumerate(parts)
             ],
         )
-        sample = self.selection_sample()
+        scores = self.submit(selection_scores, stats, selection, self.selection_sample())
         for index, k in enumerate(self.passes):
-            scores = self.submit(selection_scores, stats, selection, index, sample)
-            self.watch(scores, Watched(ResultKind.SELECTION, k))
+            self.watch(scores, Watched(ResultKind.SELECTION, k, index=index))
         self.evaluation = None  # the chunks' labels are released once the selection pass has run
 
     # --- collecting ----------------------------------------------------------------------------------------------
