@@ -538,7 +538,7 @@ class _Scheduler:
 
     def selection_pass(self) -> None:
         """The label-free indices of every K's final centers (kselect.py): one pass over the training split that
-        reads the labels the evaluation's chunks kept, then one task per K."""
+        reads the labels the evaluation's chunks kept, then one task that scores every K."""
         assert self.evaluation is not None
         parts, stats = self.evaluation
         means = self.submit(cluster_means, stats)
