@@ -50,7 +50,7 @@ from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclass
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
 from mnist_kmeans.reading import read_yaml_mapping
-from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains
+from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains, task_key
 
 if TYPE_CHECKING:  # cluster.py imports distributed: at run time only once the job has been checked
     from distributed import Client
@@ -435,7 +435,10 @@ def fit_and_evaluate(
     """The distributed part of a job: every K fitted and evaluated, its best restart chosen."""
     best = {result.k: result for result in run_chains(client, plan_of(job, info), ckpt, progress or Progress())}
     # on the cluster, where scikit-learn is imported already (this process never imports it)
-    futures = {k: client.submit(cluster_metrics, result.train.contingency, pure=False) for k, result in best.items()}
+    futures = {
+        k: client.submit(cluster_metrics, result.train.contingency, key=task_key(f"metrics_k{k}"))
+        for k, result in best.items()
+    }
     rows, maps, tables = results_table(best, job, {k: future.result() for k, future in futures.items()})
     return FitOutcome(best, rows, maps, tables)
 
@@ -486,7 +489,9 @@ def pick_best_k(rows: list[dict]) -> int:
 def _gallery(client: Client, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
     """The first misclassified test digits of the best model, found on the workers."""
     futures = [
-        client.submit(misclassified_task, best.centers, mapping, info, chunk, GALLERY_SIZE, pure=False)
+        client.submit(
+            misclassified_task, best.centers, mapping, info, chunk, GALLERY_SIZE, key=task_key("gallery", f"c{chunk}")
+        )
         for chunk in range(info.n_chunks("test"))
     ]
     images, true, pred = [], [], []

@@ -32,6 +32,7 @@ kind: the checkpoint's saves, the inertia curve, the restart chosen, the statist
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -80,16 +81,33 @@ class KResult:
 # --- the tasks this module adds (module-level: they run on the workers) ----------------------------------------------
 
 
+def task_key(group: str, *words: object) -> str:
+    """A task key unique on any cluster (a random token last) whose dashboard group is ``group``.
+
+    The dashboard's progress bars are per ``dask.utils.key_split`` of the key, which keeps the first word and then
+    only purely alphabetic ones: ``fit-k256-...`` would join every K under ``fit``. So the K or the step is joined
+    with ``_`` (``fit_k256``, ``stats_lloyd1``) and the other words, which never make a group, follow:
+    ``task_key("fit_k256", "e2", "c3")`` is ``fit_k256-e2-c3-<uuid4 hex>`` (docs/contract.md, "Task keys").
+    """
+    return "-".join([group, *map(str, words), uuid.uuid4().hex])
+
+
 def centers_of(state: ChainState) -> np.ndarray:
     return state.centers
 
 
-def tree_reduce(client: Client, parts: Sequence[Future], fan_in: int = 8, priority: int = 0) -> Future:
-    """Sum ``PassStats`` futures on the cluster, ``fan_in`` at a time, until one is left."""
+def tree_reduce(
+    client: Client, parts: Sequence[Future], fan_in: int = 8, priority: int = 0, group: str = "combine"
+) -> Future:
+    """Sum ``PassStats`` futures on the cluster, ``fan_in`` at a time, until one is left; keys of ``group``."""
     parts = list(parts)
+    level = 0
     while len(parts) > 1:
+        level += 1
         parts = [
-            client.submit(combine, *parts[i : i + fan_in], pure=False, priority=priority)
+            client.submit(
+                combine, *parts[i : i + fan_in], key=task_key(group, f"l{level}", f"p{i // fan_in}"), priority=priority
+            )
             for i in range(0, len(parts), fan_in)
         ]
     return parts[0]
@@ -228,6 +246,13 @@ class _KRecord:
 Handler = Callable[[_KRecord, Watched, _Result], None]
 
 
+def _pass_group(grid: list[tuple[int, GridPass]]) -> str:
+    """The dashboard group of a grid pass: ``stats_lloyd{s}`` when it makes Lloyd step ``s`` (of its K's furthest
+    behind), else ``stats_eval`` (the evaluation over the training split)."""
+    steps = [grid_pass.lloyd_step for _, grid_pass in grid if grid_pass.with_sums]
+    return f"stats_lloyd{min(steps)}" if steps else "stats_eval"
+
+
 class _Scheduler:
     """One call of :func:`run_chains`: submits the graph phase by phase, then handles the results it watches for."""
 
@@ -261,14 +286,18 @@ class _Scheduler:
     def watch(self, future: Future, *watched: Watched) -> None:
         self.watched.setdefault(future, []).extend(watched)
 
-    def submit(self, func: Callable, *args: Any, watch: Watched | None = None, **kwargs: Any) -> Future:
-        future = self.client.submit(func, *args, pure=False, **kwargs)
+    def submit(
+        self, func: Callable, *args: Any, key: tuple[object, ...], watch: Watched | None = None, **kwargs: Any
+    ) -> Future:
+        """``func(*args)`` on the cluster, its key made of the words of ``key`` (:func:`task_key`)."""
+        future = self.client.submit(func, *args, key=task_key(*key), **kwargs)
         if watch is not None:
             self.watch(future, watch)
         return future
 
     def stats_pass(
         self,
+        group: str,
         split: str,
         center_sets: list[Any],
         with_sums: bool | list[bool],
@@ -276,7 +305,8 @@ class _Scheduler:
         gemm_groups: Sequence[int] = (),
         priority: int = 0,
     ) -> Future:
-        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
+        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``; the tasks'
+        keys are of ``group`` (e.g. ``stats_lloyd1``), their sums' of ``group_sum``."""
         parts = [
             self.submit(
                 chunk_stats_task,
@@ -288,21 +318,34 @@ class _Scheduler:
                 histories=histories,
                 gemm_groups=gemm_groups,
                 priority=priority,
+                key=(group, f"c{chunk}"),
             )
             for chunk in range(self.info.n_chunks(split))
         ]
-        return tree_reduce(self.client, parts, priority=priority)
+        return tree_reduce(self.client, parts, priority=priority, group=f"{group}_sum")
 
     def fit_chunks(
-        self, state: Any, k: int, chunks_done: int, n_tasks: int, save: bool = True, priority: int = 0
+        self,
+        state: Any,
+        k: int,
+        chunks_done: int,
+        n_tasks: int,
+        save: bool = True,
+        priority: int = 0,
+        key: tuple[object, ...] = (),
     ) -> Future:
-        """``n_tasks`` fit_chunk tasks after ``chunks_done`` chunks of K's chain; epoch ends are saved if ``save``."""
+        """``n_tasks`` fit_chunk tasks after ``chunks_done`` chunks of K's chain; epoch ends are saved if ``save``.
+
+        Keys: ``fit_k{K}-e{epoch}-c{chunk}-…``, or ``key``'s words before ``e{epoch}-c{chunk}`` (the screening's)."""
         for chunk in range(chunks_done, chunks_done + n_tasks):
+            words = (*(key or (f"fit_k{k}",)), f"e{chunk // self.n_chunks + 1}", f"c{chunk % self.n_chunks}")
             if save and (chunk + 1) % self.n_chunks == 0:
                 watched = Watched(ResultKind.EPOCH, k, step=(chunk + 1) // self.n_chunks)
             else:
                 watched = Watched(ResultKind.CHUNK, k)
-            state = self.submit(fit_chunk, state, self.info, self.plan.params, watch=watched, priority=priority)
+            state = self.submit(
+                fit_chunk, state, self.info, self.plan.params, watch=watched, priority=priority, key=words
+            )
         return state
 
     # --- phase 1: every K's start --------------------------------------------------------------------------------
@@ -325,7 +368,8 @@ class _Scheduler:
                 screened[k] = self.start_restarts(k, n_restarts)
             else:
                 record.chosen = 0
-                chain = self.submit(init_chain, self.kmeans_sample(), k, 0, self.plan.params, priority=START_PRIORITY)
+                sample, params = self.kmeans_sample(), self.plan.params
+                chain = self.submit(init_chain, sample, k, 0, params, priority=START_PRIORITY, key=(f"init_k{k}", "r0"))
                 self.starts[k] = _Start(chain, 0, [])
         if screened:
             self.screen(screened)
@@ -358,23 +402,33 @@ class _Scheduler:
         """The k-means++ sample, drawn once for all chains (as many rows as the largest K needs)."""
         if self.sample is None:
             rows = max(self.plan.params.init_rows(k, self.info.n_train) for k in self.plan.restarts)
-            self.sample = self.submit(draw_sample, self.info, rows, self.plan.params.seed, priority=START_PRIORITY)
+            seed = self.plan.params.seed
+            self.sample = self.submit(draw_sample, self.info, rows, seed, priority=START_PRIORITY, key=("sample",))
         return self.sample
 
     def start_restarts(self, k: int, n_restarts: int) -> list[Future]:
         """Every restart of K: k-means++, then its screening chunks (not saved); each restart's state after them."""
         sample, params = self.kmeans_sample(), self.plan.params
-        inits = [self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY) for r in range(n_restarts)]
+        inits = [
+            self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY, key=(f"init_k{k}", f"r{r}"))
+            for r in range(n_restarts)
+        ]
         return [
-            self.fit_chunks(chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY) for chain in inits
+            self.fit_chunks(
+                chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY, key=(f"screen_k{k}", f"r{r}")
+            )
+            for r, chain in enumerate(inits)
         ]
 
     def screen(self, screened: dict[int, list[Future]]) -> None:
         """One pass measures every restart of every screened K; each K's best restart goes on from there."""
         center_sets = [
-            self.submit(centers_of, chain, priority=START_PRIORITY) for chains in screened.values() for chain in chains
+            self.submit(centers_of, chain, priority=START_PRIORITY, key=(f"centers_k{k}", f"r{r}"))
+            for k, chains in screened.items()
+            for r, chain in enumerate(chains)
         ]
         stats = self.stats_pass(
+            "stats_screen",
             "train",
             center_sets,
             False,
@@ -393,13 +447,14 @@ class _Scheduler:
                 restarts.stop,
                 watch=Watched(ResultKind.SELECT, k),
                 priority=START_PRIORITY,
+                key=(f"select_k{k}",),
             )
-            winner = self.submit(pick, index, chains, priority=START_PRIORITY)
+            winner = self.submit(pick, index, chains, priority=START_PRIORITY, key=(f"pick_k{k}",))
             self.starts[k] = _Start(winner, self.screen_chunks, [])
             if self.screen_chunks == self.n_chunks:  # the screening ended the first epoch: save the winner's
                 self.watch(winner, Watched(ResultKind.SAVE, k, step=1))
                 if self.plan.epochs > 1:
-                    self.starts[k].epoch_centers.append(self.submit(centers_of, winner))
+                    self.starts[k].epoch_centers.append(self.submit(centers_of, winner, key=(f"centers_k{k}", "e1")))
 
     # --- phase 2: every K's epochs -------------------------------------------------------------------------------
 
@@ -424,8 +479,8 @@ class _Scheduler:
             first = max(start.chunks_done, epoch * n_chunks)
             chain = self.fit_chunks(chain, k, first, (epoch + 1) * n_chunks - first)
             if epoch < epochs - 1:  # the centers after every epoch but the last, for their inertia
-                start.epoch_centers.append(self.submit(centers_of, chain))
-        return self.submit(centers_of, chain), tuple(start.epoch_centers)
+                start.epoch_centers.append(self.submit(centers_of, chain, key=(f"centers_k{k}", f"e{epoch + 1}")))
+        return self.submit(centers_of, chain, key=(f"centers_k{k}", f"e{epochs}")), tuple(start.epoch_centers)
 
     # --- phase 3: the grid's passes ------------------------------------------------------------------------------
 
@@ -442,19 +497,26 @@ class _Scheduler:
         """One pass over the training split for the K's of ``grid``, and the Lloyd steps made from its sums."""
         center_sets = [self.centers[k] for k, _ in grid]
         histories = [self.epoch_centers[k] if grid_pass.kind is ResultKind.EPOCHS else () for k, grid_pass in grid]
-        stats = self.stats_pass("train", center_sets, [grid_pass.with_sums for _, grid_pass in grid], histories)
+        with_sums = [grid_pass.with_sums for _, grid_pass in grid]
+        stats = self.stats_pass(_pass_group(grid), "train", center_sets, with_sums, histories)
         for index, (k, grid_pass) in enumerate(grid):
             self.watch(stats, Watched(grid_pass.kind, k, grid_pass.lloyd_step, index))
             if grid_pass.kind is ResultKind.EPOCHS and self.plan.lloyd_steps == 0:
                 self.watch(stats, Watched(ResultKind.EVAL_TRAIN, k, 0, index))  # no Lloyd step: the evaluation
             if grid_pass.with_sums:
+                step = grid_pass.lloyd_step
                 self.centers[k] = self.submit(
-                    lloyd_step, index, center_sets, stats, watch=Watched(ResultKind.LLOYD, k, grid_pass.lloyd_step)
+                    lloyd_step,
+                    index,
+                    center_sets,
+                    stats,
+                    watch=Watched(ResultKind.LLOYD, k, step),
+                    key=(f"lloyd_k{k}", f"s{step}"),
                 )
 
     def test_pass(self) -> None:
         """Every K's final centers over the test split, in one pass."""
-        stats = self.stats_pass("test", [self.centers[k] for k in self.passes], False)
+        stats = self.stats_pass("stats_test", "test", [self.centers[k] for k in self.passes], False)
         for index, k in enumerate(self.passes):
             self.watch(stats, Watched(ResultKind.EVAL_TEST, k, index=index))
             if isinstance(self.centers[k], Future):
