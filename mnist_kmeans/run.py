@@ -8,6 +8,9 @@
 3. :func:`start_run_dir` writes a new run's ``job.yaml``, ``manifest.json`` and empty checkpoint (:class:`ClusterRun`);
 4. :func:`evaluate_run` fits and evaluates every K and picks the best (:class:`Results`);
 5. :func:`write_results` writes every result file; then the performance report and ``report.html``.
+
+Steps 4 and 5 are :func:`run_recorded`, which ``status.json`` follows stage by stage; a submitted job's driver
+(``submit.py``) runs the very same steps on the cluster, its client a worker's.
 """
 
 from __future__ import annotations
@@ -45,12 +48,22 @@ from mnist_kmeans.config import (
 )
 from mnist_kmeans.data.staging import local_path
 from mnist_kmeans.data.store import FORMAT, StoreInfo, open_store, read_attrs, read_rows
-from mnist_kmeans.errors import ClusterError, Log, UserError, count, shorten, to_stderr
+from mnist_kmeans.errors import Cancelled, ClusterError, Log, UserError, count, shorten, to_stderr
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
 from mnist_kmeans.reading import read_yaml_mapping
 from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains, task_key
+from mnist_kmeans.status import (
+    JobStatus,
+    State,
+    StatusProgress,
+    attempts,
+    cancel_requested,
+    clear_cancel,
+    ended,
+    write_status,
+)
 
 if TYPE_CHECKING:  # cluster.py imports distributed: at run time only once the job has been checked
     from distributed import Client
@@ -111,6 +124,7 @@ class ClusterRun:
     checkpoint: Checkpoint
     manifest: dict[str, Any]  # of this start; a resume adds it to the saved one once the results are written
     cluster_start_s: float
+    progress: StatusProgress  # the fit's, which writes status.json too
 
 
 class FitOutcome(NamedTuple):
@@ -137,7 +151,7 @@ class Results:
 
 def prepare(
     job_file: str,
-    cluster_file: str | None,
+    cluster: ClusterConfig,
     store: str | None,
     out: str | None,
     resume: str | None,
@@ -145,14 +159,14 @@ def prepare(
     log: Log,
     t_start: float,
 ) -> JobRun:
-    """Read the job and cluster files, open the store, claim the run directory; writes nothing else.
+    """Read the job file, open the store, claim the run directory; writes nothing else. ``cluster``: the cluster file
+    as ``load_cluster`` read it (its storage options open the store).
 
     The default store, when it is not there yet, is ingested only once the cluster runs (:func:`ingest_default`), so
     that the dashboard line comes first; every other store must be there and complete.
     """
     job = with_overrides(load_job(job_file), store=local_path_option(store))
     refuse_memory_store(job.store)
-    cluster = load_cluster(cluster_file)
     run_dir, resuming = _prepare_run_dir(job, out, resume)
     info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log, cluster.storage)[0]
     checkpoint = None
@@ -288,7 +302,7 @@ def run_job(
 ) -> Path:
     """Run a job file end to end and return the path of its report."""
     t_start, log = time.perf_counter(), log or to_stderr
-    run = prepare(job_file, cluster_file, store, out, resume, argv, log, t_start)
+    run = prepare(job_file, load_cluster(cluster_file), store, out, resume, argv, log, t_start)
     # only now: a bad job file answers without importing dask
     from mnist_kmeans.cluster import connect, interrupts_deferred, wait_closed
 
@@ -302,22 +316,47 @@ def run_job(
                 session = start_run_dir(run, client, cluster_info, cluster_start_s)
             if interrupted:
                 raise KeyboardInterrupt(f"interrupted; continue with: {run.resume_command()}")
-            final_timings, report = _results_and_reports(session)
-            return report.write(final_timings)
+            return run_recorded(session)
     finally:
         run.claim.release()
         wait_closed()  # an embedded cluster may still be closing behind the report
 
 
-def start_run_dir(run: JobRun, client: Client, cluster_info: ClusterInfo, cluster_start_s: float) -> ClusterRun:
-    """Once the cluster answered: a new run's directory, ``job.yaml``, ``manifest.json`` and empty checkpoint."""
+def start_run_dir(
+    run: JobRun, client: Client, cluster_info: ClusterInfo, cluster_start_s: float, cancels: bool = True
+) -> ClusterRun:
+    """Once the cluster answered: a new run's directory, ``job.yaml``, ``manifest.json`` and empty checkpoint.
+
+    A start on purpose (``run``, ``submit``: ``cancels``) drops an earlier ``cancel`` of the job; a submitted job's
+    driver, which starts the job again on its own, honours it.
+    """
     manifest = _manifest(run, cluster_info)
     checkpoint = run.checkpoint
     if not run.resuming:
         write_atomic(run.run_dir / "job.yaml", run.job_yaml)
         write_json(run.run_dir / "manifest.json", manifest)
         checkpoint = Checkpoint.create(run.run_dir / "centroids.zarr", run.info.image_shape)
-    return ClusterRun(run, client, cluster_info, checkpoint, manifest, cluster_start_s)
+    if cancels:
+        clear_cancel(run.run_dir)
+    progress = StatusProgress(run.run_dir, attempts(run.run_dir) + 1)
+    return ClusterRun(run, client, cluster_info, checkpoint, manifest, cluster_start_s, progress)
+
+
+def run_recorded(session: ClusterRun) -> Path:
+    """Fit, evaluate, write the results and the reports, saying each stage in ``status.json`` (docs/contract.md,
+    "status.json"), the end too, however it comes; returns the report's path. What ``run`` and a driver share."""
+    run, attempt = session.run, session.progress.attempt
+    try:
+        if cancel_requested(run.run_dir):
+            raise Cancelled(f"cancelled before it started; continue with: {run.resume_command()}")
+        write_status(run.run_dir, JobStatus(State.FITTING, "starting", attempt=attempt))
+        final_timings, report = _results_and_reports(session)
+        path = report.write(final_timings)
+    except BaseException as exc:
+        write_status(run.run_dir, ended(exc, attempt))
+        raise
+    write_status(run.run_dir, JobStatus(State.DONE, str(path), 0, attempt))
+    return path
 
 
 def _manifest(run: JobRun, cluster_info: ClusterInfo) -> dict[str, Any]:
@@ -403,7 +442,7 @@ def _import_report_modules() -> None:
 def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
     """Every K fitted and evaluated, the best K picked and its gallery found; ``t_fit``: when the fit started."""
     run, client = session.run, session.client
-    fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint)
+    fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint, session.progress)
     best_k = pick_best_k(fit.rows)
     gallery = _gallery(client, run.info, fit.best[best_k], fit.label_maps[str(best_k)])
     t_done = time.perf_counter()
@@ -662,6 +701,8 @@ def _one_line_errors(session: ClusterRun) -> Iterator[None]:
         raise KeyboardInterrupt(
             f"interrupted: finished epochs are saved; continue with: {run.resume_command()}"
         ) from None
+    except Cancelled:
+        raise Cancelled(f"cancelled: finished epochs are saved; continue with: {run.resume_command()}") from None
     except (UserError, ClusterError):
         raise
     except Exception as exc:
