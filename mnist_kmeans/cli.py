@@ -1,4 +1,4 @@
-"""Command line: argument parsing only. Maps UserError -> exit 2, ClusterError -> exit 3, interrupt, Cancelled -> 130."""
+"""Command line: argument parsing only. Maps UserError -> exit 2, ClusterError -> 3, interrupt and Cancelled -> 130."""
 
 from __future__ import annotations
 
