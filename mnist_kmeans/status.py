@@ -60,6 +60,8 @@ class JobStatus:
         """What ``status`` prints: ``fitting: fit  42% of epochs | K=4 1/2 ep (attempt 1, updated 12:01:02Z)``."""
         head = f"{self.state.value} (exit {self.exit_code})" if self.state is State.FAILED else self.state.value
         text = f"{head}: {self.detail}" if self.detail else head
+        if self.state is State.CANCELLED and self.detail.startswith(State.CANCELLED.value):
+            text = self.detail  # "cancelled: finished epochs are saved; ...", as run said it
         if self.state.finished:
             return text
         return f"{text} (attempt {self.attempt}, updated {self.updated_utc})"
