@@ -353,7 +353,7 @@ def run_recorded(session: ClusterRun) -> Path:
         final_timings, report = _results_and_reports(session)
         path = report.write(final_timings)
     except BaseException as exc:
-        write_status(run.run_dir, ended(exc, attempt))
+        write_status(run.run_dir, ended(exc, attempt), strict=False)  # the error, not a failed write of it, is said
         raise
     write_status(run.run_dir, JobStatus(State.DONE, str(path), 0, attempt))
     return path

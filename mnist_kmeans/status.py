@@ -109,8 +109,14 @@ def read_status(run_dir: Path) -> JobStatus | None:
     return JobStatus.from_dict(data, path)
 
 
-def write_status(run_dir: Path, status: JobStatus) -> None:
-    write_json(Path(run_dir) / STATUS_FILE, status.as_dict())
+def write_status(run_dir: Path, status: JobStatus, strict: bool = True) -> None:
+    """Replace ``status.json``. Not ``strict``: a failed write is let go, for a status said while the job's own writes
+    go on (or have just failed): a full disk is theirs to report, naming their file."""
+    try:
+        write_json(Path(run_dir) / STATUS_FILE, status.as_dict())
+    except UserError:
+        if strict:
+            raise
 
 
 def attempts(run_dir: Path) -> int:
@@ -167,11 +173,11 @@ class StatusProgress(Progress):
         if cancel_requested(self.run_dir):
             raise Cancelled("cancelled")  # the run adds how to continue (run._one_line_errors)
         self.all_evaluated = all(record.evaluated for record in records.values())
-        write_status(self.run_dir, JobStatus(State.FITTING, progress_line(records, epochs), attempt=self.attempt))
+        line = progress_line(records, epochs)
+        write_status(self.run_dir, JobStatus(State.FITTING, line, attempt=self.attempt), strict=False)
 
     def close(self) -> None:
         super().close()
         if self.all_evaluated:
-            write_status(
-                self.run_dir, JobStatus(State.EVALUATING, "writing the results and the report", None, self.attempt)
-            )
+            evaluating = JobStatus(State.EVALUATING, "writing the results and the report", None, self.attempt)
+            write_status(self.run_dir, evaluating, strict=False)

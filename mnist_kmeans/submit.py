@@ -164,8 +164,10 @@ def drive(order: DriverOrder) -> str:
             # the first driver of a new run is no resume, for the manifest; one that runs again after a lost worker is
             session = replace(session, run=replace(run, resuming=order.resumed or session.progress.attempt > 1))
             run_recorded(session)
-    except Exception:  # said in status.json by run_recorded
-        pass
+    except Exception as exc:  # run_recorded has said it in status.json; anything before it is said here
+        status = read_status(run_dir)
+        if status is None or not status.state.finished:
+            write_status(run_dir, ended(exc, attempts(run_dir) + 1), strict=False)
     finally:
         run.claim.release()
     status = read_status(run_dir)
