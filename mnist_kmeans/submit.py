@@ -93,7 +93,7 @@ def submit_job(
         t_connect = time.perf_counter()
         with connect(run.cluster, scheduler) as (client, cluster_info):
             run = ingest_default(run, log)
-            with interrupts_deferred() as interrupted:  # the directory and its driver are started both, or neither
+            with interrupts_deferred() as interrupted:  # a Ctrl-C waits until the directory and its driver are started
                 start_run_dir(run, client, cluster_info, time.perf_counter() - t_connect)
                 queued = JobStatus(State.QUEUED, f"on {cluster_info.scheduler}", None, attempts(run.run_dir))
                 write_status(run.run_dir, queued)

@@ -325,6 +325,44 @@ def test_status_and_wait_of_a_job_whose_store_the_workers_find_damaged(setup: Se
     assert not (run_dir / "metrics.json").exists()
 
 
+def test_cancel_of_a_queued_job_and_the_driver_that_starts_later_stops_before_fitting(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both worker threads held by tasks that wait on an Event: the driver cannot start, the job is queued. ``cancel``
+    then finds no process holding the directory and records the cancel itself; once the threads are free, the driver
+    starts, sees the request and stops before any task of the fit."""
+    from distributed import Event
+
+    from mnist_kmeans.cli import main
+
+    run_dir = setup.root / "run-queued"
+    with setup.cluster.client() as client:
+        release = Event("test-submit-release", client=client)
+        blockers = [client.submit(release.wait, key=f"blocker-{i}", pure=False) for i in range(2)]
+        deadline = time.monotonic() + TIMEOUT
+        while sum(len(keys) for keys in client.processing().values()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            submit(setup, run_dir)
+            assert main(["status", str(run_dir)]) == 0
+            assert capsys.readouterr().out.startswith(f"queued: on {setup.cluster.address} (attempt 0, updated ")
+            assert main(["cancel", str(run_dir)]) == 0
+            resume = f"mnist-kmeans run {run_dir / 'job.yaml'} --resume {run_dir}"
+            out = capsys.readouterr().out.strip()
+            assert out == f"cancelled while queued: finished epochs are saved; continue with: {resume}", out
+        finally:
+            release.set()
+            client.gather(blockers)
+        while "before it started" not in status_file(run_dir)["detail"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    status = status_file(run_dir)
+    assert status["detail"] == f"cancelled before it started; continue with: {resume}", status
+    assert (status["state"], status["exit_code"], status["attempt"]) == ("cancelled", 130, 1)
+    assert chain_progress(run_dir) == {}  # nothing was fitted
+    proc = run_cli("wait", str(run_dir))
+    assert proc.returncode == 130 and one_line(proc.stderr) == status["detail"], proc.stderr
+
+
 # --- refusals --------------------------------------------------------------------------------------------------------
 
 
