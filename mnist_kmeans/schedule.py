@@ -22,7 +22,8 @@ of the machine); different K's do not, so that a K's result never depends on whi
 
 Futures rather than one delayed graph: the chains run eagerly, every epoch end is saved the moment it exists,
 progress is exact, and a Ctrl-C cancels what is left. The client holds one future per chain and step in
-flight, and only small results (a chain's state, reduced tables) ever come back to it.
+flight, and only small results (a chain's state, reduced tables) ever come back to it. Each task's key names its
+step and K (:func:`task_key`), so that the dashboard shows one progress bar per K and phase.
 
 On the client, :func:`run_chains` submits the three phases in that order, then handles each result it watches for
 (a ``Watched``: its ``ResultKind``, its K, its step, its part of the future's result) as it arrives, one handler per
