@@ -170,7 +170,8 @@ class StatusProgress(Progress):
         if not force and now - self.written < STATUS_INTERVAL:
             return
         self.written = now
-        if cancel_requested(self.run_dir):
+        # not on the forced last update: that one comes while the fit ends, maybe with an error of its own
+        if not force and cancel_requested(self.run_dir):
             raise Cancelled("cancelled")  # the run adds how to continue (run._one_line_errors)
         self.all_evaluated = all(record.evaluated for record in records.values())
         line = progress_line(records, epochs)

@@ -346,6 +346,9 @@ def test_cancel_of_a_queued_job_and_the_driver_that_starts_later_stops_before_fi
             submit(setup, run_dir)
             assert main(["status", str(run_dir)]) == 0
             assert capsys.readouterr().out.startswith(f"queued: on {setup.cluster.address} (attempt 0, updated ")
+            assert main(setup.submit_args(run_dir, "--resume", str(run_dir))) == 2  # the queued job owns it
+            line = one_line(capsys.readouterr().err)
+            assert line.startswith(f"error: {run_dir}: a job submitted to this directory is queued"), line
             assert main(["cancel", str(run_dir)]) == 0
             resume = f"mnist-kmeans run {run_dir / 'job.yaml'} --resume {run_dir}"
             out = capsys.readouterr().out.strip()
