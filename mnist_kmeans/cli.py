@@ -108,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         load_job(args.job)
         if args.cluster is not None:
             load_cluster(args.cluster)
-        from mnist_kmeans.run import run_job
+        from mnist_kmeans.pipeline import run_job
 
         report = run_job(
             args.job,

@@ -1,12 +1,12 @@
 """Jobs that outlive the client: ``submit``, ``status``, ``wait``, ``cancel`` (docs/contract.md, "submit").
 
-``submit`` does what ``run`` does up to the start of the run directory (:func:`~mnist_kmeans.run.prepare`,
-``cluster.connect``, :func:`~mnist_kmeans.run.start_run_dir`), writes ``status.json`` as ``queued`` and hands the
-rest to a *driver*: one task (:func:`drive`) kept alive without any client (``fire_and_forget``) that secedes from
-its worker's threads (``worker_client``) and runs :func:`~mnist_kmeans.run.run_recorded`, the very steps of ``run``,
-as ``run --resume`` of the directory would. So the driver needs nothing of the submitting machine but the run
-directory, which the workers must be able to write (a shared path), and the cluster file's storage options, which
-travel with its task in memory.
+``submit`` does what ``run`` does up to the start of the run directory (:func:`~mnist_kmeans.pipeline.prepare`,
+``cluster.connect``, :func:`~mnist_kmeans.pipeline.start_run_dir`), writes ``status.json`` as ``queued`` and hands
+the rest to a *driver*: one task (:func:`drive`) kept alive without any client (``fire_and_forget``) that secedes
+from its worker's threads (``worker_client``) and runs :func:`~mnist_kmeans.pipeline.run_recorded`, the very steps
+of ``run``, as ``run --resume`` of the directory would. So the driver needs nothing of the submitting machine but
+the run directory, which the workers must be able to write (a shared path), and the cluster file's storage options,
+which travel with its task in memory.
 
 Faults: a driver whose worker dies is run again by the scheduler on another worker (or on the one its nanny starts),
 and continues from the checkpoints like ``--resume``; it takes the run directory's claim (``claim.py``) first, which
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from mnist_kmeans.claim import RunDirBusy, claim_run_dir
 from mnist_kmeans.config import ClusterConfig, load_cluster
 from mnist_kmeans.errors import Cancelled, Log, UserError, to_stderr
-from mnist_kmeans.run import JobRun, ingest_default, prepare, run_recorded, start_run_dir
+from mnist_kmeans.pipeline import JobRun, ingest_default, prepare, run_recorded, start_run_dir
 from mnist_kmeans.status import JobStatus, State, attempts, ended, read_status, request_cancel, write_status
 
 if TYPE_CHECKING:

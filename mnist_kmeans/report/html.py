@@ -41,6 +41,14 @@ def render_html(context: Mapping[str, Any]) -> str:
     return _environment().get_template("report.html.j2").render(**context)
 
 
+def render_blocks(context: Mapping[str, Any], names: Sequence[str]) -> str:
+    """Some blocks of the report page alone, escaped as the page is: the Python API's ``Run._repr_html_`` shows the
+    summary and the metrics table inline in Jupyter."""
+    template = _environment().get_template("report.html.j2")
+    variables = template.new_context(dict(context))
+    return "".join("".join(template.blocks[name](variables)) for name in names)
+
+
 def render_report(run_dir: str | Path, final_timings: Timings | None = None) -> Path:
     """Render ``<run_dir>/report.html`` (and ``<run_dir>/figures/*.png``) from the run directory alone.
 

@@ -4,11 +4,12 @@
 
 1. :func:`prepare` checks all that can be checked before a cluster starts (job file, cluster file, run directory,
    store) and returns a :class:`JobRun`; nothing is written yet, so a run that never started leaves nothing behind;
-2. ``cluster.connect`` starts or joins the cluster;
+2. ``cluster.connect`` starts or joins the cluster (``cluster.given``: the Python API's own client);
 3. :func:`start_run_dir` writes a new run's ``job.yaml``, ``manifest.json`` and empty checkpoint (:class:`ClusterRun`);
 4. :func:`evaluate_run` fits and evaluates every K and picks the best (:class:`Results`);
 5. :func:`write_results` writes every result file; then the performance report and ``report.html``.
 
+The command line (``cli.py``) and the Python API (``api.py``) both call :func:`run_job`; only the connection differs.
 Steps 4 and 5 are :func:`run_recorded`, which ``status.json`` follows stage by stage; a submitted job's driver
 (``submit.py``) runs the very same steps on the cluster, its client a worker's.
 """
@@ -38,12 +39,13 @@ from mnist_kmeans.claim import RunDirClaim, claim_run_dir
 from mnist_kmeans.config import (
     ClusterConfig,
     JobConfig,
+    JobSpec,
     default_source,
     default_store,
     load_cluster,
-    load_job,
     local_path_option,
     refuse_memory_store,
+    resolve_job,
     with_overrides,
 )
 from mnist_kmeans.data.staging import local_path
@@ -88,7 +90,7 @@ def _utc_now() -> str:
 class JobRun:
     """A job checked and ready to run (:func:`prepare`): what every later step reads."""
 
-    job_file: str
+    job_file: str | None  # None: a job given to the Python API as a mapping or a JobConfig
     job: JobConfig  # with the command line's overrides
     cluster: ClusterConfig
     store_option: str | None  # ``--store`` as given: the resume command repeats it
@@ -103,14 +105,21 @@ class JobRun:
     claim: RunDirClaim  # held until the job ends
 
     @property
+    def job_label(self) -> str:
+        """How error lines name the job: its file, or ``job`` (the Python API's argument)."""
+        return self.job_file or "job"
+
+    @property
     def job_yaml(self) -> str:
         """The job as resolved, as ``job.yaml`` holds it."""
         return yaml.safe_dump(self.job.to_yaml_dict(), sort_keys=False)
 
     def resume_command(self) -> str:
-        """The command line that continues this run (``--store`` too when it was given: a resume must use the same)."""
+        """The command line that continues this run (``--store`` too when it was given: a resume must use the same).
+        A job without a file (the Python API's mapping) is resumed from the run's own ``job.yaml``, the same job."""
         store = ["--store", local_path_option(self.store_option)] if self.store_option else []
-        job_file = os.path.abspath(self.job_file)  # absolute, like the rest: it works from any directory
+        # absolute, like the rest: it works from any directory
+        job_file = os.path.abspath(self.job_file) if self.job_file else str(self.run_dir / "job.yaml")
         return shlex.join(["mnist-kmeans", "run", job_file, "--resume", str(self.run_dir), *store])
 
 
@@ -150,7 +159,7 @@ class Results:
 
 
 def prepare(
-    job_file: str,
+    job_spec: JobSpec,
     cluster: ClusterConfig,
     store: str | None,
     out: str | None,
@@ -159,19 +168,20 @@ def prepare(
     log: Log,
     t_start: float,
 ) -> JobRun:
-    """Read the job file, open the store, claim the run directory; writes nothing else. ``cluster``: the cluster file
-    as ``load_cluster`` read it (its storage options open the store).
+    """Read the job (``resolve_job``), open the store, claim the run directory; writes nothing else. ``cluster``: the
+    cluster file as ``load_cluster`` read it (its storage options open the store).
 
     The default store, when it is not there yet, is ingested only once the cluster runs (:func:`ingest_default`), so
     that the dashboard line comes first; every other store must be there and complete.
     """
-    job = with_overrides(load_job(job_file), store=local_path_option(store))
+    job, job_file = resolve_job(job_spec)
+    job = with_overrides(job, store=local_path_option(store))
     refuse_memory_store(job.store)
     run_dir, resuming = _prepare_run_dir(job, out, resume)
     info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log, cluster.storage)[0]
     checkpoint = None
     if info is not None:
-        check_job_against_data(job, job_file, info)
+        check_job_against_data(job, job_file or "job", info)
     if resuming:
         _check_same_store(run_dir, info)
         checkpoint = Checkpoint.open(run_dir / "centroids.zarr", checkpoint_layout(job, info))
@@ -207,7 +217,7 @@ def ingest_default(run: JobRun, log: Log) -> JobRun:
     if run.info is not None:
         return run
     info, ingest_s = ensure_store(run.job.store, log, run.cluster.storage)
-    check_job_against_data(run.job, run.job_file, info)
+    check_job_against_data(run.job, run.job_label, info)
     return dataclasses.replace(run, info=info, ingest_s=ingest_s)
 
 
@@ -231,10 +241,10 @@ def ensure_store(url: str, log: Log, options: dict[str, Any] | None = None) -> t
     return open_store(url, options), time.perf_counter() - t0
 
 
-def check_job_against_data(job: JobConfig, job_file: str, info: StoreInfo) -> None:
+def check_job_against_data(job: JobConfig, job_label: str, info: StoreInfo) -> None:
     for k in job.k_grid:
         if k > info.n_train:
-            raise UserError(f"{job_file}: k_grid: K={k} is larger than the {info.n_train} training rows of {info.url}")
+            raise UserError(f"{job_label}: k_grid: K={k} is larger than the {info.n_train} training rows of {info.url}")
 
 
 def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None) -> tuple[Path, bool]:
@@ -291,7 +301,7 @@ def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
 
 
 def run_job(
-    job_file: str,
+    job: JobSpec,
     cluster_file: str | None = None,
     scheduler: str | None = None,
     store: str | None = None,
@@ -299,16 +309,23 @@ def run_job(
     resume: str | None = None,
     argv: Sequence[str] = (),
     log: Log | None = None,
+    client: Client | None = None,
 ) -> Path:
-    """Run a job file end to end and return the path of its report."""
+    """Run a job end to end and return the path of its report: ``mnist-kmeans run`` and ``mnist_kmeans.run``.
+
+    ``job``: a job file, or for the Python API a mapping or JobConfig (``config.resolve_job``). ``client``: the
+    Python API's own client, used and left open (``cluster.given``); without it the cluster of ``cluster_file`` and
+    ``scheduler`` is joined or started as the command line does (``cluster.connect``). Nothing else differs.
+    """
     t_start, log = time.perf_counter(), log or to_stderr
-    run = prepare(job_file, load_cluster(cluster_file), store, out, resume, argv, log, t_start)
+    run = prepare(job, load_cluster(cluster_file), store, out, resume, argv, log, t_start)
     # only now: a bad job file answers without importing dask
-    from mnist_kmeans.cluster import connect, interrupts_deferred, wait_closed
+    from mnist_kmeans.cluster import connect, given, interrupts_deferred, wait_closed
 
     try:
         t_connect = time.perf_counter()
-        with connect(run.cluster, scheduler) as (client, cluster_info):
+        connection = given(client) if client is not None else connect(run.cluster, scheduler)
+        with connection as (client, cluster_info):
             cluster_start_s = time.perf_counter() - t_connect
             print(f"dashboard: {cluster_info.dashboard}", flush=True)
             run = ingest_default(run, log)
@@ -364,7 +381,7 @@ def _manifest(run: JobRun, cluster_info: ClusterInfo) -> dict[str, Any]:
     return {
         "started_utc": run.started,
         "command": list(run.argv),
-        "job_file": str(run.job_file),
+        "job_file": run.job_file,  # null for the Python API's mapping or JobConfig
         "versions": _versions(),
         "platform": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
         "cluster": cluster_info.as_dict(),
