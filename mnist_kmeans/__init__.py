@@ -13,6 +13,7 @@ The Python API (docs/contract.md, "Python API")::
 
     run = mnist_kmeans.run("jobs/smoke.yaml", client=client)   # or open_run("runs/smoke-…")
     run.metrics, run.model(10), run.predict_labels(10, images)
+    mnist_kmeans.compare(["runs/a", "runs/b"])                 # runs of the same data side by side, one page
 """
 
 from importlib import import_module
@@ -20,11 +21,16 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "open_run", "run"]
+__all__ = ["Run", "compare", "open_run", "run"]
 
 # Lazy, as in report/: `import mnist_kmeans` (the command line's first import) must not pull in numpy or dask.
 # The module of the job's steps is pipeline.py, not run.py: a submodule `run` would shadow the function `run`.
-_HOMES = {"Run": "mnist_kmeans.api", "open_run": "mnist_kmeans.api", "run": "mnist_kmeans.api"}
+_HOMES = {
+    "Run": "mnist_kmeans.api",
+    "compare": "mnist_kmeans.report.compare",
+    "open_run": "mnist_kmeans.api",
+    "run": "mnist_kmeans.api",
+}
 
 
 def __getattr__(name: str) -> Any:

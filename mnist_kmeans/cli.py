@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="render report.html again from a run directory, no cluster")
     rep.add_argument("run_dir")
 
+    cmp = sub.add_parser("compare", help="finished runs of the same data side by side on one HTML page, no cluster")
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run directories")
+    cmp.add_argument("--out", default=None, metavar="FILE", help="the page to write (default ./compare.html)")
+
     aug = sub.add_parser("augment", help="a larger training set of deformed digits, written by the cluster")
     aug.add_argument("--store", required=True, help="source store")
     aug.add_argument("--out", required=True, help="new store")
@@ -152,6 +156,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mnist_kmeans.report import render_report
 
         print(render_report(args.run_dir))
+    elif args.command == "compare":
+        from mnist_kmeans.report.compare import compare
+
+        print(compare(args.run_dirs, out=args.out))
     elif args.command == "augment":
         from mnist_kmeans.data.augment import augment_command
 
