@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from mnist_kmeans.checkpoint import Checkpoint  # noqa: E402
 from mnist_kmeans.config import load_job, with_overrides  # noqa: E402
 from mnist_kmeans.data.store import read_rows  # noqa: E402
-from mnist_kmeans.run import ensure_store, fit_and_evaluate, plan_of  # noqa: E402
+from mnist_kmeans.pipeline import ensure_store, fit_and_evaluate, plan_of  # noqa: E402
 
 
 def load_split(url: str, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -118,6 +118,16 @@ def connect(cfg: ClusterConfig, scheduler: str | None = None) -> Iterator[tuple[
         yield from _remote(cfg, address)
 
 
+@contextmanager
+def given(client: Client) -> Iterator[tuple[Client, ClusterInfo]]:
+    """The Python API's own client (``mnist_kmeans.run(..., client=)``), described and left open: the caller's
+    cluster is the caller's to close. It is not watched (a :class:`~mnist_kmeans.watch.Watch` closes the client it
+    gives up on): on a cluster that loses every worker the run waits, as Dask does, until interrupted."""
+    if client.status != "running":
+        raise ClusterError(f"the client given is {client.status}, not running: connect it again")
+    yield client, describe(client, embedded=False)
+
+
 def _embedded(local: LocalClusterConfig, patience: float) -> Iterator[tuple[Client, ClusterInfo]]:
     """The embedded cluster (see :func:`connect`); worker threads in this process get one BLAS thread each."""
     if local.processes:

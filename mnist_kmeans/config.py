@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,34 @@ MAX_ROWS = 10**12
 
 def load_job(path: str | Path) -> JobConfig:
     """Read and validate a job file. Checks that need the data (K <= n_train) happen when the store is open."""
-    checker = _Checker(path, read_yaml_mapping(path))
+    return job_from_mapping(read_yaml_mapping(path), path, Path(path).parent)
+
+
+JobSpec = str | os.PathLike | Mapping[str, Any] | JobConfig
+"""What the Python API takes as a job: a job file's path, its content as a mapping, or a :class:`JobConfig`."""
+
+
+def resolve_job(job: JobSpec) -> tuple[JobConfig, str | None]:
+    """``job`` validated exactly as a job file is, and the path of its file (None for a mapping or a JobConfig).
+
+    A mapping's errors name ``job: KEY``; its relative ``store`` is taken from the working directory. A JobConfig is
+    checked again through its ``to_yaml_dict``, so one built by hand meets the same bounds as a file; left at the
+    dataclass's default, its ``centroid_grids`` means "not given" and takes a file's default (which depends on K).
+    """
+    if isinstance(job, (str, os.PathLike)):
+        return load_job(os.fspath(job)), os.fspath(job)
+    if isinstance(job, JobConfig):
+        unset = job.centroid_grids == JobConfig.centroid_grids
+        job = {key: value for key, value in job.to_yaml_dict().items() if not (key == "report" and unset)}
+    if not isinstance(job, Mapping):
+        raise UserError(f"job: must be a job file's path, a mapping or a JobConfig, got {type(job).__name__}")
+    return job_from_mapping(dict(job), "job", Path.cwd()), None
+
+
+def job_from_mapping(data: dict[str, Any], where: str | Path, base: Path) -> JobConfig:
+    """A job file's mapping validated into a JobConfig; errors name ``where: KEY``, a relative ``store`` is taken
+    from the directory ``base``."""
+    checker = _Checker(where, data)
     checker.reject_unknown(
         {"name", "store", "k_grid", "epochs", "batch_size", "n_init", "lloyd_steps", "screen_rows", "seed", "report"}
     )
@@ -233,7 +261,7 @@ def load_job(path: str | Path) -> JobConfig:
     return JobConfig(
         name=name,
         k_grid=k_grid,
-        store=_job_store(checker.text("store"), Path(path).parent),
+        store=_job_store(checker.text("store"), base),
         epochs=checker.integer("epochs", JobConfig.epochs, minimum=1, maximum=MAX_EPOCHS),
         batch_size=checker.integer("batch_size", JobConfig.batch_size, minimum=1, maximum=MAX_BATCH),
         n_init=(

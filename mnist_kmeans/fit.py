@@ -15,7 +15,7 @@ random reassignments inside a chunk) is drawn from a seed derived from ``(seed, 
 task's result is therefore a pure function of its inputs: the same job gives the same centroids on any cluster
 shape, after a worker is lost and its tasks are recomputed, and after ``--resume`` from an epoch checkpoint.
 
-This module holds the pure functions that run in tasks; ``run.py`` submits them.
+This module holds the pure functions that run in tasks; ``pipeline.py`` submits them.
 """
 
 from __future__ import annotations

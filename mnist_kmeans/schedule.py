@@ -26,7 +26,8 @@ of the machine); different K's do not, so that a K's result never depends on whi
 
 Futures rather than one delayed graph: the chains run eagerly, every epoch end is saved the moment it exists,
 progress is exact, and a Ctrl-C cancels what is left. The client holds one future per chain and step in
-flight, and only small results (a chain's state, reduced tables) ever come back to it.
+flight, and only small results (a chain's state, reduced tables) ever come back to it. Each task's key names its
+step and K (:func:`task_key`), so that the dashboard shows one progress bar per K and phase.
 
 On the client, :func:`run_chains` submits the three phases in that order, then handles each result it watches for
 (a ``Watched``: its ``ResultKind``, its K, its step, its part of the future's result) as it arrives, one handler per
@@ -36,6 +37,7 @@ kind: the checkpoint's saves, the inertia curve, the restart chosen, the statist
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -95,16 +97,33 @@ class KResult:
 # --- the tasks this module adds (module-level: they run on the workers) ----------------------------------------------
 
 
+def task_key(group: str, *words: object) -> str:
+    """A task key unique on any cluster (a random token last) whose dashboard group is ``group``.
+
+    The dashboard's progress bars are per ``dask.utils.key_split`` of the key, which keeps the first word and then
+    only purely alphabetic ones: ``fit-k256-...`` would join every K under ``fit``. So the K or the step is joined
+    with ``_`` (``fit_k256``, ``stats_lloyd1``) and the other words, which never make a group, follow:
+    ``task_key("fit_k256", "e2", "c3")`` is ``fit_k256-e2-c3-<uuid4 hex>`` (docs/contract.md, "Task keys").
+    """
+    return "-".join([group, *map(str, words), uuid.uuid4().hex])
+
+
 def centers_of(state: ChainState) -> np.ndarray:
     return state.centers
 
 
-def tree_reduce(client: Client, parts: Sequence[Future], fan_in: int = 8, priority: int = 0) -> Future:
-    """Sum ``PassStats`` futures on the cluster, ``fan_in`` at a time, until one is left."""
+def tree_reduce(
+    client: Client, parts: Sequence[Future], fan_in: int = 8, priority: int = 0, group: str = "combine"
+) -> Future:
+    """Sum ``PassStats`` futures on the cluster, ``fan_in`` at a time, until one is left; keys of ``group``."""
     parts = list(parts)
+    level = 0
     while len(parts) > 1:
+        level += 1
         parts = [
-            client.submit(combine, *parts[i : i + fan_in], pure=False, priority=priority)
+            client.submit(
+                combine, *parts[i : i + fan_in], key=task_key(group, f"l{level}", f"p{i // fan_in}"), priority=priority
+            )
             for i in range(0, len(parts), fan_in)
         ]
     return parts[0]
@@ -264,6 +283,13 @@ class _KRecord:
 Handler = Callable[[_KRecord, Watched, _Result], None]
 
 
+def _pass_group(grid: list[tuple[int, GridPass]]) -> str:
+    """The dashboard group of a grid pass: ``stats_lloyd{s}`` when it makes Lloyd step ``s`` (of its K's furthest
+    behind), else ``stats_eval`` (the evaluation over the training split)."""
+    steps = [grid_pass.lloyd_step for _, grid_pass in grid if grid_pass.with_sums]
+    return f"stats_lloyd{min(steps)}" if steps else "stats_eval"
+
+
 class _Scheduler:
     """One call of :func:`run_chains`: submits the graph phase by phase, then handles the results it watches for."""
 
@@ -301,14 +327,18 @@ class _Scheduler:
     def watch(self, future: Future, *watched: Watched) -> None:
         self.watched.setdefault(future, []).extend(watched)
 
-    def submit(self, func: Callable, *args: Any, watch: Watched | None = None, **kwargs: Any) -> Future:
-        future = self.client.submit(func, *args, pure=False, **kwargs)
+    def submit(
+        self, func: Callable, *args: Any, key: tuple[object, ...], watch: Watched | None = None, **kwargs: Any
+    ) -> Future:
+        """``func(*args)`` on the cluster, its key made of the words of ``key`` (:func:`task_key`)."""
+        future = self.client.submit(func, *args, key=task_key(*key), **kwargs)
         if watch is not None:
             self.watch(future, watch)
         return future
 
     def stats_pass(
         self,
+        group: str,
         split: str,
         center_sets: list[Any],
         with_sums: bool | list[bool],
@@ -316,12 +346,14 @@ class _Scheduler:
         gemm_groups: Sequence[int] = (),
         priority: int = 0,
     ) -> Future:
-        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
-        parts = self.chunk_stats(split, center_sets, with_sums, histories, gemm_groups, priority)
-        return tree_reduce(self.client, parts, priority=priority)
+        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``; the tasks'
+        keys are of ``group`` (e.g. ``stats_lloyd1``), their sums' of ``group_sum``."""
+        parts = self.chunk_stats(group, split, center_sets, with_sums, histories, gemm_groups, priority)
+        return tree_reduce(self.client, parts, priority=priority, group=f"{group}_sum")
 
     def chunk_stats(
         self,
+        group: str,
         split: str,
         center_sets: list[Any],
         with_sums: bool | list[bool],
@@ -343,20 +375,33 @@ class _Scheduler:
                 gemm_groups=gemm_groups,
                 evaluation=evaluation,
                 priority=priority,
+                key=(group, f"c{chunk}"),
             )
             for chunk in range(self.info.n_chunks(split))
         ]
 
     def fit_chunks(
-        self, state: Any, k: int, chunks_done: int, n_tasks: int, save: bool = True, priority: int = 0
+        self,
+        state: Any,
+        k: int,
+        chunks_done: int,
+        n_tasks: int,
+        save: bool = True,
+        priority: int = 0,
+        key: tuple[object, ...] = (),
     ) -> Future:
-        """``n_tasks`` fit_chunk tasks after ``chunks_done`` chunks of K's chain; epoch ends are saved if ``save``."""
+        """``n_tasks`` fit_chunk tasks after ``chunks_done`` chunks of K's chain; epoch ends are saved if ``save``.
+
+        Keys: ``fit_k{K}-e{epoch}-c{chunk}-…``, or ``key``'s words before ``e{epoch}-c{chunk}`` (the screening's)."""
         for chunk in range(chunks_done, chunks_done + n_tasks):
+            words = (*(key or (f"fit_k{k}",)), f"e{chunk // self.n_chunks + 1}", f"c{chunk % self.n_chunks}")
             if save and (chunk + 1) % self.n_chunks == 0:
                 watched = Watched(ResultKind.EPOCH, k, step=(chunk + 1) // self.n_chunks)
             else:
                 watched = Watched(ResultKind.CHUNK, k)
-            state = self.submit(fit_chunk, state, self.info, self.plan.params, watch=watched, priority=priority)
+            state = self.submit(
+                fit_chunk, state, self.info, self.plan.params, watch=watched, priority=priority, key=words
+            )
         return state
 
     # --- phase 1: every K's start --------------------------------------------------------------------------------
@@ -379,7 +424,8 @@ class _Scheduler:
                 screened[k] = self.start_restarts(k, n_restarts)
             else:
                 record.chosen = 0
-                chain = self.submit(init_chain, self.kmeans_sample(), k, 0, self.plan.params, priority=START_PRIORITY)
+                sample, params = self.kmeans_sample(), self.plan.params
+                chain = self.submit(init_chain, sample, k, 0, params, priority=START_PRIORITY, key=(f"init_k{k}", "r0"))
                 self.starts[k] = _Start(chain, 0, [])
         if screened:
             self.screen(screened)
@@ -413,31 +459,41 @@ class _Scheduler:
         """The k-means++ sample, drawn once for all chains (as many rows as the largest K needs)."""
         if self.sample is None:
             rows = max(self.plan.params.init_rows(k, self.info.n_train) for k in self.plan.restarts)
-            self.sample = self.submit(draw_sample, self.info, rows, self.plan.params.seed, priority=START_PRIORITY)
+            seed = self.plan.params.seed
+            self.sample = self.submit(draw_sample, self.info, rows, seed, priority=START_PRIORITY, key=("sample",))
         return self.sample
 
     def selection_sample(self) -> Future:
         """The images of the selection sample (kselect.sample_rows), drawn once for the screening and the silhouette."""
         if self.selection_images is None:
             self.selection_images = self.submit(
-                draw_selection_sample, self.info, self.selection_rows, priority=START_PRIORITY
+                draw_selection_sample, self.info, self.selection_rows, priority=START_PRIORITY, key=("select_sample",)
             )
         return self.selection_images
 
     def start_restarts(self, k: int, n_restarts: int) -> list[Future]:
         """Every restart of K: k-means++, then its screening chunks (not saved); each restart's state after them."""
         sample, params = self.kmeans_sample(), self.plan.params
-        inits = [self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY) for r in range(n_restarts)]
+        inits = [
+            self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY, key=(f"init_k{k}", f"r{r}"))
+            for r in range(n_restarts)
+        ]
         return [
-            self.fit_chunks(chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY) for chain in inits
+            self.fit_chunks(
+                chain, k, 0, self.screen_chunks, save=False, priority=START_PRIORITY, key=(f"screen_k{k}", f"r{r}")
+            )
+            for r, chain in enumerate(inits)
         ]
 
     def screen(self, screened: dict[int, list[Future]]) -> None:
         """One pass measures every restart of every screened K; each K's best restart goes on from there."""
         center_sets = [
-            self.submit(centers_of, chain, priority=START_PRIORITY) for chains in screened.values() for chain in chains
+            self.submit(centers_of, chain, priority=START_PRIORITY, key=(f"centers_k{k}", f"r{r}"))
+            for k, chains in screened.items()
+            for r, chain in enumerate(chains)
         ]
         stats = self.stats_pass(
+            "stats_screen",
             "train",
             center_sets,
             False,
@@ -458,13 +514,14 @@ class _Scheduler:
                 *center_sets[restarts],
                 watch=Watched(ResultKind.SELECT, k),
                 priority=START_PRIORITY,
+                key=(f"select_k{k}",),
             )
-            chosen = self.submit(winner, screening, chains, priority=START_PRIORITY)
+            chosen = self.submit(winner, screening, chains, priority=START_PRIORITY, key=(f"pick_k{k}",))
             self.starts[k] = _Start(chosen, self.screen_chunks, [])
             if self.screen_chunks == self.n_chunks:  # the screening ended the first epoch: save the winner's
                 self.watch(chosen, Watched(ResultKind.SAVE, k, step=1))
                 if self.plan.epochs > 1:
-                    self.starts[k].epoch_centers.append(self.submit(centers_of, chosen))
+                    self.starts[k].epoch_centers.append(self.submit(centers_of, chosen, key=(f"centers_k{k}", "e1")))
 
     # --- phase 2: every K's epochs -------------------------------------------------------------------------------
 
@@ -489,8 +546,8 @@ class _Scheduler:
             first = max(start.chunks_done, epoch * n_chunks)
             chain = self.fit_chunks(chain, k, first, (epoch + 1) * n_chunks - first)
             if epoch < epochs - 1:  # the centers after every epoch but the last, for their inertia
-                start.epoch_centers.append(self.submit(centers_of, chain))
-        return self.submit(centers_of, chain), tuple(start.epoch_centers)
+                start.epoch_centers.append(self.submit(centers_of, chain, key=(f"centers_k{k}", f"e{epoch + 1}")))
+        return self.submit(centers_of, chain, key=(f"centers_k{k}", f"e{epochs}")), tuple(start.epoch_centers)
 
     # --- phase 3: the grid's passes ------------------------------------------------------------------------------
 
@@ -513,8 +570,9 @@ class _Scheduler:
         center_sets = [self.centers[k] for k, _ in grid]
         histories = [self.epoch_centers[k] if grid_pass.kind is ResultKind.EPOCHS else () for k, grid_pass in grid]
         with_sums = [grid_pass.with_sums for _, grid_pass in grid]
-        parts = self.chunk_stats("train", center_sets, with_sums, histories, evaluation=evaluation)
-        stats = tree_reduce(self.client, parts)
+        group = _pass_group(grid)
+        parts = self.chunk_stats(group, "train", center_sets, with_sums, histories, evaluation=evaluation)
+        stats = tree_reduce(self.client, parts, group=f"{group}_sum")
         if evaluation:
             self.evaluation = parts, stats
         for index, (k, grid_pass) in enumerate(grid):
@@ -522,13 +580,19 @@ class _Scheduler:
             if grid_pass.kind is ResultKind.EPOCHS and self.plan.lloyd_steps == 0:
                 self.watch(stats, Watched(ResultKind.EVAL_TRAIN, k, 0, index))  # no Lloyd step: the evaluation
             if grid_pass.with_sums:
+                step = grid_pass.lloyd_step
                 self.centers[k] = self.submit(
-                    lloyd_step, index, center_sets, stats, watch=Watched(ResultKind.LLOYD, k, grid_pass.lloyd_step)
+                    lloyd_step,
+                    index,
+                    center_sets,
+                    stats,
+                    watch=Watched(ResultKind.LLOYD, k, step),
+                    key=(f"lloyd_k{k}", f"s{step}"),
                 )
 
     def test_pass(self) -> None:
         """Every K's final centers over the test split, in one pass."""
-        stats = self.stats_pass("test", [self.centers[k] for k in self.passes], False)
+        stats = self.stats_pass("stats_test", "test", [self.centers[k] for k in self.passes], False)
         for index, k in enumerate(self.passes):
             self.watch(stats, Watched(ResultKind.EVAL_TEST, k, index=index))
             if isinstance(self.centers[k], Future):
@@ -541,23 +605,22 @@ class _Scheduler:
         reads the labels the evaluation's chunks kept, then one task that scores every K."""
         assert self.evaluation is not None
         parts, stats = self.evaluation
-        means = self.submit(cluster_means, stats)
+        means = self.submit(cluster_means, stats, key=("select_means",))
         chunk_rows = self.info.chunk_rows
-        selection = tree_reduce(
-            self.client,
-            [
-                self.submit(
-                    selection_chunk_task,
-                    part,
-                    means,
-                    self.info,
-                    chunk,
-                    rows_in_chunk(self.selection_rows, chunk, chunk_rows),
-                )
-                for chunk, part in enumerate(parts)
-            ],
-        )
-        scores = self.submit(selection_scores, stats, selection, self.selection_sample())
+        tasks = [
+            self.submit(
+                selection_chunk_task,
+                part,
+                means,
+                self.info,
+                chunk,
+                rows_in_chunk(self.selection_rows, chunk, chunk_rows),
+                key=("select_pass", f"c{chunk}"),
+            )
+            for chunk, part in enumerate(parts)
+        ]
+        selection = tree_reduce(self.client, tasks, group="select_pass_sum")
+        scores = self.submit(selection_scores, stats, selection, self.selection_sample(), key=("select_scores",))
         for index, k in enumerate(self.passes):
             self.watch(scores, Watched(ResultKind.SELECTION, k, index=index))
         self.evaluation = None  # the chunks' labels are released once the selection pass has run

@@ -13,6 +13,7 @@ import pytest
 from mnist_kmeans.data.store import StoreInfo, open_store
 from tests.helpers import (
     KGRID_STORE_ARGS,
+    MNIST_DIR,
     S3_PORTS,
     IdxDataset,
     QuietHTTPHandler,
@@ -51,6 +52,18 @@ def kgrid_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, IdxDatas
 def store_info(kgrid_store: tuple[str, IdxDataset]) -> StoreInfo:
     """``open_store`` of the session's store."""
     return open_store(kgrid_store[0])
+
+
+@pytest.fixture(scope="session")
+def mnist_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data home (``MNIST_KMEANS_DATA``) for the session: ``mnist/`` the repository's MNIST files (a link),
+    ``mnist.zarr`` the default store ingested from them; tests only read it."""
+    from mnist_kmeans.data.ingest import ingest
+
+    home = tmp_path_factory.mktemp("mnist-home")
+    (home / "mnist").symlink_to(MNIST_DIR)
+    ingest(str(home / "mnist"), str(home / "mnist.zarr"), log=lambda line: None)
+    return home
 
 
 @pytest.fixture(scope="session")

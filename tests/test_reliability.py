@@ -328,7 +328,7 @@ def test_resume_after_client_sigkill_refits_nothing_saved_and_gives_the_same_cen
     # ... and the new cluster ran exactly the partial_fit tasks of the epochs that were not saved.
     with cluster_fresh.client() as client:
         stream = client.get_task_stream(start=t0)
-    fit_tasks = [t["key"] for t in stream if str(t["key"]).startswith("fit_chunk-")]
+    fit_tasks = [t["key"] for t in stream if str(t["key"]).startswith(("fit_k", "screen_k"))]
     # Only a K's chosen restart saves epochs. A K with nothing saved (no chain, or one whose first save the kill cut
     # short) starts afresh: every restart fits the screening chunks (the whole first epoch: 3,000 rows <
     # screen_rows), then the chosen one its other epochs.

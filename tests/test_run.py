@@ -695,9 +695,9 @@ def test_the_client_never_imports_scikit_learn() -> None:
     there would cost about two seconds of every run (README, "Performance"). A child process, for a clean import."""
     code = (
         "import sys\n"
-        "import mnist_kmeans.cli, mnist_kmeans.run, mnist_kmeans.schedule, mnist_kmeans.cluster\n"
+        "import mnist_kmeans.cli, mnist_kmeans.pipeline, mnist_kmeans.schedule, mnist_kmeans.cluster\n"
         "import mnist_kmeans.report.html\n"
-        "from mnist_kmeans.run import _versions\n"
+        "from mnist_kmeans.pipeline import _versions\n"
         "assert _versions()['scikit-learn'][0].isdigit()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'dask_ml')))\n"
     )

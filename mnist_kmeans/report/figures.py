@@ -6,6 +6,9 @@ Every function builds its own :class:`matplotlib.figure.Figure` on the Agg canva
 Image grids (training digits, centroids, misclassified digits) are rasterised directly into one image, with
 each distinct title rendered once by Agg, rather than one Axes per tile: a 256-centroid grid then renders in tens
 of milliseconds instead of seconds.
+
+The last two figures are the comparison page's (``mnist-kmeans compare``): several runs in one figure, run ``i``
+in :func:`run_color` ``(i)`` on every figure and in the page's tables.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import io
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -501,3 +505,96 @@ def _pass_axis(ax, n_max: int, epochs: int | None) -> None:
         ax.text(
             epochs + 0.6, 1.0, "after the epochs", transform=ax.get_xaxis_transform(), fontsize=8, color=MUTED, va="top"
         )
+
+
+# ------------------------------------------------------------------------------------------- runs compared
+
+_RUN_COLORS = (BLUE, ORANGE, GREEN, RED, PURPLE, GREY, "#56B4E9", "#F0E442")
+_RUN_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+_LEGEND_IN = 0.45  # inches above the panels for the runs' legend
+
+
+def run_color(index: int) -> str:
+    """The colour of the run at ``index`` (from 0) on the comparison page: its lines and its swatch in the tables."""
+    return _RUN_COLORS[index % len(_RUN_COLORS)]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of :func:`runs_vs_k`: its title and, per run label, ``{K: value}`` (a run absent: no line)."""
+
+    title: str
+    lines: Mapping[str, Mapping[int, float]]
+    percent: bool = False  # the values are fractions, shown as percentages
+
+
+def runs_vs_k(panels: Sequence[Panel], runs: Sequence[str], *, ncols: int = 3, dpi: int = DPI) -> bytes:
+    """Small multiples against K (log scale): one panel per metric, one line per run, the runs' legend once on top.
+
+    ``runs``: the run labels in page order; run ``i`` is drawn in :func:`run_color` ``(i)``. Non-finite values are
+    left out of their line.
+    """
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    height = 2.9 * nrows + _LEGEND_IN
+    fig = _figure(3.8 * ncols, height, dpi)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    ks = sorted({k for panel in panels for line in panel.lines.values() for k in line})
+    for ax, panel in zip(axes, panels, strict=False):
+        _run_lines(ax, panel, runs)
+        _k_axis(ax, ks)
+        ax.set_xlabel("K (log scale)", color=INK, fontsize=9)
+        ax.set_title(panel.title, loc="left", fontsize=10.5, color=INK)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    _runs_legend(fig, axes[0], len(runs))
+    fig.tight_layout(rect=(0, 0, 1, 1 - _LEGEND_IN / height))
+    return _png(fig)
+
+
+def _run_lines(ax, panel: Panel, runs: Sequence[str]) -> None:
+    """Each run's line of ``panel`` on ``ax``, with the y axis formatted for its values."""
+    _style(ax, grid_axis="both")
+    values = []
+    for i, label in enumerate(runs):
+        line = panel.lines.get(label) or {}
+        xs = sorted(k for k, v in line.items() if math.isfinite(v))
+        values += [line[k] for k in xs]
+        marker = _RUN_MARKERS[i % len(_RUN_MARKERS)]
+        ax.plot(xs, [line[k] for k in xs], marker=marker, markersize=4, linewidth=1.6, color=run_color(i), label=label)
+    if panel.percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
+    elif values and max(abs(v) for v in values) >= 1e4:
+        ax.yaxis.set_major_formatter(EngFormatter(sep=""))
+
+
+def _runs_legend(fig: Figure, ax, n_runs: int) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncols=max(1, min(n_runs, 4)), frameon=False, fontsize=9)
+
+
+def timings_by_run(
+    seconds: Mapping[str, Mapping[str, float]], runs: Sequence[str], steps: Sequence[str], *, dpi: int = DPI
+) -> bytes:
+    """One horizontal bar per run, its length the run's time and its parts the steps (``seconds[run][step]``).
+
+    ``runs``: the run labels, top to bottom; ``steps``: the step names in order (a run without a step: no part).
+    """
+    fig = _figure(11.0, 0.9 + 0.5 * len(runs) + _LEGEND_IN, dpi)
+    ax = fig.add_subplot()
+    _style(ax, grid_axis="x")
+    colors = colormaps["viridis"](np.linspace(0.05, 0.9, max(len(steps), 1)))
+    rows = np.arange(len(runs))
+    left = np.zeros(len(runs))
+    for color, step in zip(colors, steps, strict=False):
+        width = np.array([max(0.0, seconds.get(run, {}).get(step, 0.0)) for run in runs])
+        ax.barh(rows, width, left=left, height=0.6, color=color, label=step)
+        left += width
+    ax.set_yticks(rows)
+    ax.set_yticklabels([_cut(run, 28) for run in runs], fontsize=9)
+    ax.invert_yaxis()  # the first run on top, as in the page's tables
+    ax.set_xlabel("seconds", color=INK, fontsize=10)
+    ncols = max(1, min(len(steps), 6))
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=ncols, frameon=False, fontsize=9)
+    fig.tight_layout()
+    return _png(fig)

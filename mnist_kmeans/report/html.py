@@ -26,7 +26,8 @@ from mnist_kmeans.report.rundir import RunData, load_run
 Timings = Callable[[], Mapping[str, Any]]
 
 
-def _environment() -> Environment:
+def environment() -> Environment:
+    """The templates' Jinja environment: the report's and the comparison page's (:mod:`.compare`)."""
     return Environment(
         loader=PackageLoader("mnist_kmeans.report", "templates"),
         autoescape=True,
@@ -38,7 +39,15 @@ def _environment() -> Environment:
 
 def render_html(context: Mapping[str, Any]) -> str:
     """The report page for a context made by :func:`~mnist_kmeans.report.context.build_context`."""
-    return _environment().get_template("report.html.j2").render(**context)
+    return environment().get_template("report.html.j2").render(**context)
+
+
+def render_blocks(context: Mapping[str, Any], names: Sequence[str]) -> str:
+    """Some blocks of the report page alone, escaped as the page is: the Python API's ``Run._repr_html_`` shows the
+    summary and the metrics table inline in Jupyter."""
+    template = environment().get_template("report.html.j2")
+    variables = template.new_context(dict(context))
+    return "".join("".join(template.blocks[name](variables)) for name in names)
 
 
 def render_report(run_dir: str | Path, final_timings: Timings | None = None) -> Path:

@@ -5,6 +5,9 @@ MNIST: when ``manifest.json``'s ``data.md5`` holds MNIST's published sums (:func
 A store made by ``augment`` from MNIST keeps MNIST's sums but records ``augmented_from``: its images are still
 digits, but its numbers are not the seed's. Classes are titled by ``metrics.json``'s ``dataset.class_names`` when
 the store had names, else by their label ("Number 3" on MNIST, as the seed notebook does; "class 3" otherwise).
+
+:func:`data_fingerprint` says whether two runs are on the same data, for ``compare``: what the data *is* (its IDX
+files' md5 sums, sizes, classes, how it was augmented), not where it is stored or which build of it was read.
 """
 
 from __future__ import annotations
@@ -76,3 +79,32 @@ def identify(dataset: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> 
         kind = AUGMENTED_MNIST if dataset.get("augmented_from") else MNIST
     names = dataset.get("class_names")
     return DataIdentity(kind, comparable_with_seed(dataset, md5), tuple(names) if names is not None else None)
+
+
+_NOT_CONTENT = ("store", "ingest_id")  # where a source store was and which build of it: not what the data is
+
+
+def data_fingerprint(dataset: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What two runs on the same data share, from ``metrics.json``'s ``dataset`` and ``manifest.json``'s ``data``
+    (docs/contract.md, "compare"); None when the run records no md5 sums, so its data cannot be told.
+
+    The store's path, its ``ingest_id`` and ``chunk_rows`` are left out: the same IDX files ingested twice, or
+    copied elsewhere, are the same data. ``augmented_from`` is kept (minus its source's path and build), since an
+    augmented store keeps its source's md5 sums and differs from another only by its rows, seed and deformation.
+    """
+    data = manifest.get("data") if isinstance(manifest, Mapping) else None
+    md5 = data.get("md5") if isinstance(data, Mapping) else None
+    if not isinstance(md5, Mapping) or not md5:
+        return None
+    augmented = dataset.get("augmented_from")
+    if isinstance(augmented, Mapping):
+        augmented = {k: v for k, v in augmented.items() if k not in _NOT_CONTENT}
+    return {
+        "md5": dict(md5),
+        "n_train": dataset.get("n_train", data.get("n_train")),
+        "n_test": dataset.get("n_test", data.get("n_test")),
+        "n_classes": dataset.get("n_classes"),
+        "image_shape": dataset.get("image_shape"),
+        "class_names": dataset.get("class_names"),
+        "augmented_from": augmented,
+    }

@@ -232,6 +232,16 @@ def _read_centroids(group: Any, ks: Sequence[int], image_shape: tuple[int, int],
     return centroids
 
 
+def load_centroids(run: RunData, k: int) -> np.ndarray:
+    """The final (K, H*W) float32 centroids of one K of ``run`` (``centroids.zarr``, ``final/k{K}``), checked as the
+    report's are; a K that is not in the run's grid is a UserError (the Python API's ``Run.model``)."""
+    ks = [r["k"] for r in run.results]
+    if not is_int(k) or k not in ks:
+        raise UserError(f"{run.run_dir}: K={k!r} is not in this run's K grid {ks}")
+    path = run.run_dir / "centroids.zarr"
+    return _read_centroids(_open_zarr(path), [k], run.image_shape, path)[k]
+
+
 @dataclass(frozen=True)
 class _Samples:
     """The sample digits of ``samples.zarr``, as :class:`RunData` holds them."""

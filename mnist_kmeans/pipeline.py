@@ -4,10 +4,14 @@
 
 1. :func:`prepare` checks all that can be checked before a cluster starts (job file, cluster file, run directory,
    store) and returns a :class:`JobRun`; nothing is written yet, so a run that never started leaves nothing behind;
-2. ``cluster.connect`` starts or joins the cluster;
+2. ``cluster.connect`` starts or joins the cluster (``cluster.given``: the Python API's own client);
 3. :func:`start_run_dir` writes a new run's ``job.yaml``, ``manifest.json`` and empty checkpoint (:class:`ClusterRun`);
 4. :func:`evaluate_run` fits and evaluates every K and picks the best (:class:`Results`);
 5. :func:`write_results` writes every result file; then the performance report and ``report.html``.
+
+The command line (``cli.py``) and the Python API (``api.py``) both call :func:`run_job`; only the connection differs.
+Steps 4 and 5 are :func:`run_recorded`, which ``status.json`` follows stage by stage; a submitted job's driver
+(``submit.py``) runs the very same steps on the cluster, its client a worker's.
 """
 
 from __future__ import annotations
@@ -35,23 +39,34 @@ from mnist_kmeans.claim import RunDirClaim, claim_run_dir
 from mnist_kmeans.config import (
     ClusterConfig,
     JobConfig,
+    JobSpec,
     default_source,
     default_store,
     load_cluster,
-    load_job,
     local_path_option,
     refuse_memory_store,
+    resolve_job,
     with_overrides,
 )
 from mnist_kmeans.data.staging import local_path
 from mnist_kmeans.data.store import FORMAT, StoreInfo, open_store, read_attrs, read_rows
-from mnist_kmeans.errors import ClusterError, Log, UserError, count, shorten, to_stderr
+from mnist_kmeans.errors import Cancelled, ClusterError, Log, UserError, count, shorten, to_stderr
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
 from mnist_kmeans.kselect import CRITERIA, inertia_knee, k_selection, sample_rows
 from mnist_kmeans.reading import read_yaml_mapping
-from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains
+from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains, task_key
+from mnist_kmeans.status import (
+    JobStatus,
+    State,
+    StatusProgress,
+    attempts,
+    cancel_requested,
+    clear_cancel,
+    ended,
+    write_status,
+)
 
 if TYPE_CHECKING:  # cluster.py imports distributed: at run time only once the job has been checked
     from distributed import Client
@@ -76,7 +91,7 @@ def _utc_now() -> str:
 class JobRun:
     """A job checked and ready to run (:func:`prepare`): what every later step reads."""
 
-    job_file: str
+    job_file: str | None  # None: a job given to the Python API as a mapping or a JobConfig
     job: JobConfig  # with the command line's overrides
     cluster: ClusterConfig
     store_option: str | None  # ``--store`` as given: the resume command repeats it
@@ -91,14 +106,21 @@ class JobRun:
     claim: RunDirClaim  # held until the job ends
 
     @property
+    def job_label(self) -> str:
+        """How error lines name the job: its file, or ``job`` (the Python API's argument)."""
+        return self.job_file or "job"
+
+    @property
     def job_yaml(self) -> str:
         """The job as resolved, as ``job.yaml`` holds it."""
         return yaml.safe_dump(self.job.to_yaml_dict(), sort_keys=False)
 
     def resume_command(self) -> str:
-        """The command line that continues this run (``--store`` too when it was given: a resume must use the same)."""
+        """The command line that continues this run (``--store`` too when it was given: a resume must use the same).
+        A job without a file (the Python API's mapping) is resumed from the run's own ``job.yaml``, the same job."""
         store = ["--store", local_path_option(self.store_option)] if self.store_option else []
-        job_file = os.path.abspath(self.job_file)  # absolute, like the rest: it works from any directory
+        # absolute, like the rest: it works from any directory
+        job_file = os.path.abspath(self.job_file) if self.job_file else str(self.run_dir / "job.yaml")
         return shlex.join(["mnist-kmeans", "run", job_file, "--resume", str(self.run_dir), *store])
 
 
@@ -112,6 +134,7 @@ class ClusterRun:
     checkpoint: Checkpoint
     manifest: dict[str, Any]  # of this start; a resume adds it to the saved one once the results are written
     cluster_start_s: float
+    progress: StatusProgress  # the fit's, which writes status.json too
 
 
 class FitOutcome(NamedTuple):
@@ -138,8 +161,8 @@ class Results:
 
 
 def prepare(
-    job_file: str,
-    cluster_file: str | None,
+    job_spec: JobSpec,
+    cluster: ClusterConfig,
     store: str | None,
     out: str | None,
     resume: str | None,
@@ -147,19 +170,20 @@ def prepare(
     log: Log,
     t_start: float,
 ) -> JobRun:
-    """Read the job and cluster files, open the store, claim the run directory; writes nothing else.
+    """Read the job (``resolve_job``), open the store, claim the run directory; writes nothing else. ``cluster``: the
+    cluster file as ``load_cluster`` read it (its storage options open the store).
 
     The default store, when it is not there yet, is ingested only once the cluster runs (:func:`ingest_default`), so
     that the dashboard line comes first; every other store must be there and complete.
     """
-    job = with_overrides(load_job(job_file), store=local_path_option(store))
+    job, job_file = resolve_job(job_spec)
+    job = with_overrides(job, store=local_path_option(store))
     refuse_memory_store(job.store)
-    cluster = load_cluster(cluster_file)
     run_dir, resuming = _prepare_run_dir(job, out, resume)
     info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log, cluster.storage)[0]
     checkpoint = None
     if info is not None:
-        check_job_against_data(job, job_file, info)
+        check_job_against_data(job, job_file or "job", info)
     if resuming:
         _check_same_store(run_dir, info)
         checkpoint = Checkpoint.open(run_dir / "centroids.zarr", checkpoint_layout(job, info))
@@ -195,7 +219,7 @@ def ingest_default(run: JobRun, log: Log) -> JobRun:
     if run.info is not None:
         return run
     info, ingest_s = ensure_store(run.job.store, log, run.cluster.storage)
-    check_job_against_data(run.job, run.job_file, info)
+    check_job_against_data(run.job, run.job_label, info)
     return dataclasses.replace(run, info=info, ingest_s=ingest_s)
 
 
@@ -219,10 +243,10 @@ def ensure_store(url: str, log: Log, options: dict[str, Any] | None = None) -> t
     return open_store(url, options), time.perf_counter() - t0
 
 
-def check_job_against_data(job: JobConfig, job_file: str, info: StoreInfo) -> None:
+def check_job_against_data(job: JobConfig, job_label: str, info: StoreInfo) -> None:
     for k in job.k_grid:
         if k > info.n_train:
-            raise UserError(f"{job_file}: k_grid: K={k} is larger than the {info.n_train} training rows of {info.url}")
+            raise UserError(f"{job_label}: k_grid: K={k} is larger than the {info.n_train} training rows of {info.url}")
 
 
 def _prepare_run_dir(job: JobConfig, out: str | None, resume: str | None) -> tuple[Path, bool]:
@@ -279,7 +303,7 @@ def _check_same_store(run_dir: Path, info: StoreInfo) -> None:
 
 
 def run_job(
-    job_file: str,
+    job: JobSpec,
     cluster_file: str | None = None,
     scheduler: str | None = None,
     store: str | None = None,
@@ -287,16 +311,23 @@ def run_job(
     resume: str | None = None,
     argv: Sequence[str] = (),
     log: Log | None = None,
+    client: Client | None = None,
 ) -> Path:
-    """Run a job file end to end and return the path of its report."""
+    """Run a job end to end and return the path of its report: ``mnist-kmeans run`` and ``mnist_kmeans.run``.
+
+    ``job``: a job file, or for the Python API a mapping or JobConfig (``config.resolve_job``). ``client``: the
+    Python API's own client, used and left open (``cluster.given``); without it the cluster of ``cluster_file`` and
+    ``scheduler`` is joined or started as the command line does (``cluster.connect``). Nothing else differs.
+    """
     t_start, log = time.perf_counter(), log or to_stderr
-    run = prepare(job_file, cluster_file, store, out, resume, argv, log, t_start)
+    run = prepare(job, load_cluster(cluster_file), store, out, resume, argv, log, t_start)
     # only now: a bad job file answers without importing dask
-    from mnist_kmeans.cluster import connect, interrupts_deferred, wait_closed
+    from mnist_kmeans.cluster import connect, given, interrupts_deferred, wait_closed
 
     try:
         t_connect = time.perf_counter()
-        with connect(run.cluster, scheduler) as (client, cluster_info):
+        connection = given(client) if client is not None else connect(run.cluster, scheduler)
+        with connection as (client, cluster_info):
             cluster_start_s = time.perf_counter() - t_connect
             print(f"dashboard: {cluster_info.dashboard}", flush=True)
             run = ingest_default(run, log)
@@ -304,22 +335,47 @@ def run_job(
                 session = start_run_dir(run, client, cluster_info, cluster_start_s)
             if interrupted:
                 raise KeyboardInterrupt(f"interrupted; continue with: {run.resume_command()}")
-            final_timings, report = _results_and_reports(session)
-            return report.write(final_timings)
+            return run_recorded(session)
     finally:
         run.claim.release()
         wait_closed()  # an embedded cluster may still be closing behind the report
 
 
-def start_run_dir(run: JobRun, client: Client, cluster_info: ClusterInfo, cluster_start_s: float) -> ClusterRun:
-    """Once the cluster answered: a new run's directory, ``job.yaml``, ``manifest.json`` and empty checkpoint."""
+def start_run_dir(
+    run: JobRun, client: Client, cluster_info: ClusterInfo, cluster_start_s: float, cancels: bool = True
+) -> ClusterRun:
+    """Once the cluster answered: a new run's directory, ``job.yaml``, ``manifest.json`` and empty checkpoint.
+
+    A start on purpose (``run``, ``submit``: ``cancels``) drops an earlier ``cancel`` of the job; a submitted job's
+    driver, which starts the job again on its own, honours it.
+    """
     manifest = _manifest(run, cluster_info)
     checkpoint = run.checkpoint
     if not run.resuming:
         write_atomic(run.run_dir / "job.yaml", run.job_yaml)
         write_json(run.run_dir / "manifest.json", manifest)
         checkpoint = Checkpoint.create(run.run_dir / "centroids.zarr", run.info.image_shape)
-    return ClusterRun(run, client, cluster_info, checkpoint, manifest, cluster_start_s)
+    if cancels:
+        clear_cancel(run.run_dir)
+    progress = StatusProgress(run.run_dir, attempts(run.run_dir) + 1)
+    return ClusterRun(run, client, cluster_info, checkpoint, manifest, cluster_start_s, progress)
+
+
+def run_recorded(session: ClusterRun) -> Path:
+    """Fit, evaluate, write the results and the reports, saying each stage in ``status.json`` (docs/contract.md,
+    "status.json"), the end too, however it comes; returns the report's path. What ``run`` and a driver share."""
+    run, attempt = session.run, session.progress.attempt
+    try:
+        if cancel_requested(run.run_dir):
+            raise Cancelled(f"cancelled before it started; continue with: {run.resume_command()}")
+        write_status(run.run_dir, JobStatus(State.FITTING, "starting", attempt=attempt))
+        final_timings, report = _results_and_reports(session)
+        path = report.write(final_timings)
+    except BaseException as exc:
+        write_status(run.run_dir, ended(exc, attempt), strict=False)  # the error, not a failed write of it, is said
+        raise
+    write_status(run.run_dir, JobStatus(State.DONE, str(path), 0, attempt))
+    return path
 
 
 def _manifest(run: JobRun, cluster_info: ClusterInfo) -> dict[str, Any]:
@@ -327,7 +383,7 @@ def _manifest(run: JobRun, cluster_info: ClusterInfo) -> dict[str, Any]:
     return {
         "started_utc": run.started,
         "command": list(run.argv),
-        "job_file": str(run.job_file),
+        "job_file": run.job_file,  # null for the Python API's mapping or JobConfig
         "versions": _versions(),
         "platform": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
         "cluster": cluster_info.as_dict(),
@@ -405,7 +461,7 @@ def _import_report_modules() -> None:
 def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
     """Every K fitted and evaluated, the best K picked and its gallery found; ``t_fit``: when the fit started."""
     run, client = session.run, session.client
-    fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint)
+    fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint, session.progress)
     best_k = pick_best_k(fit.rows)
     selection = choose_k(client, fit.rows, run.job.seed, run.info)
     gallery = _gallery(client, run.info, fit.best[best_k], fit.label_maps[str(best_k)])
@@ -438,7 +494,10 @@ def fit_and_evaluate(
     """The distributed part of a job: every K fitted and evaluated, its best restart chosen."""
     best = {result.k: result for result in run_chains(client, plan_of(job, info), ckpt, progress or Progress())}
     # on the cluster, where scikit-learn is imported already (this process never imports it)
-    futures = {k: client.submit(cluster_metrics, result.train.contingency, pure=False) for k, result in best.items()}
+    futures = {
+        k: client.submit(cluster_metrics, result.train.contingency, key=task_key(f"metrics_k{k}"))
+        for k, result in best.items()
+    }
     rows, maps, tables = results_table(best, job, {k: future.result() for k, future in futures.items()})
     return FitOutcome(best, rows, maps, tables)
 
@@ -494,14 +553,16 @@ def choose_k(client: Client, rows: list[dict], seed: int, info: StoreInfo) -> di
     """metrics.json's ``k_selection``: each label-free criterion's K and the recommendation (kselect.k_selection);
     the knee is found on the cluster, where kneed and scipy are imported anyway."""
     ks, inertia = [row["k"] for row in rows], [row["inertia"] for row in rows]
-    knee = client.submit(inertia_knee, ks, inertia, pure=False).result()
+    knee = client.submit(inertia_knee, ks, inertia, key=task_key("knee")).result()
     return k_selection(rows, knee, len(sample_rows(info.n_train, seed)))
 
 
 def _gallery(client: Client, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
     """The first misclassified test digits of the best model, found on the workers."""
     futures = [
-        client.submit(misclassified_task, best.centers, mapping, info, chunk, GALLERY_SIZE, pure=False)
+        client.submit(
+            misclassified_task, best.centers, mapping, info, chunk, GALLERY_SIZE, key=task_key("gallery", f"c{chunk}")
+        )
         for chunk in range(info.n_chunks("test"))
     ]
     images, true, pred = [], [], []
@@ -673,6 +734,8 @@ def _one_line_errors(session: ClusterRun) -> Iterator[None]:
         raise KeyboardInterrupt(
             f"interrupted: finished epochs are saved; continue with: {run.resume_command()}"
         ) from None
+    except Cancelled:
+        raise Cancelled(f"cancelled: finished epochs are saved; continue with: {run.resume_command()}") from None
     except (UserError, ClusterError):
         raise
     except Exception as exc:
