@@ -4,7 +4,7 @@
 
 Runs ``run.fit_and_evaluate`` (what ``mnist-kmeans run`` does between cluster start and report) on a LocalCluster
 of ``--workers`` processes x 1 thread, and prints: the CPU seconds every worker process used (``getrusage``), the
-client's, the wall time, and the task stream's busy seconds per task kind (its key prefix). ``--set`` overrides
+client's, the wall time, and the task stream's busy seconds per task kind (its key's step). ``--set`` overrides
 job keys (``--set epochs=1 --set n_init=1 --set lloyd_steps=0`` is the scale job of bench/scale.py). Wall time on a
 shared machine is noise; CPU seconds and the per-kind split are what to compare between commits.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import resource
 import sys
 import tempfile
@@ -34,9 +35,10 @@ def cpu_seconds() -> float:
 
 
 def kind_of(key: object) -> str:
+    """The step of a task key without its K's (``fit_k10_k16-e1-c3-…`` is ``fit``; docs/contract.md, "Task keys")."""
     from dask.utils import key_split
 
-    return key_split(key)
+    return re.sub(r"_k\d+", "", key_split(key))
 
 
 def profile(job_file: str, store: str, overrides: dict, workers: int) -> dict:

@@ -7,6 +7,7 @@ The package reads like the data flow::
     evaluate.py  the reduce side: contingency tables and inertia, reduced on the cluster
     report/      figures and the self-contained HTML report
     pipeline.py  one job end to end; cli.py (the command line) and api.py (the Python API) are thin layers on top
+    submit.py    the same job run by a driver task on the cluster (submit, status, wait, cancel); status.py its state
 
 The Python API (docs/contract.md, "Python API")::
 

@@ -10,7 +10,8 @@ Layout (Zarr v3; only the client process writes it)::
 
 Only the restart of a K that won the screening (``schedule.py``) has a chain here. A chain's attributes say how much
 of it is saved (``epochs_done``, ``lloyd_done``, and the two integer counters of the mini-batch state per epoch) and
-keep every restart's inertia at the screening (``screen_inertia``). An epoch's arrays are written first and the
+keep every restart's inertia at the screening (``screen_inertia``) and the agreement of the restarts there
+(``screen_agreement``, kselect.py). An epoch's arrays are written first and the
 attributes after, all in one write of ``zarr.json`` (atomic on a local store), so an interrupted write is ignored on
 resume rather than half-used. Nothing here is a pickle: arrays and JSON only.
 
@@ -77,7 +78,7 @@ class CheckpointLayout:
             if not np.isfinite(saved).all() or (array_name == "counts" and (saved < 0).any()):
                 raise UserError(f"{name}/{array_name}: damaged checkpoint (holds NaN, infinity or a negative count)")
         attrs = dict(chain.attrs)
-        for key in ("screen_inertia", "epoch_inertia", "lloyd_inertia"):
+        for key in ("screen_inertia", "screen_agreement", "epoch_inertia", "lloyd_inertia"):
             values = attrs.get(key, [])
             if not isinstance(values, list) or not all(_finite_number(v) for v in values):
                 raise UserError(f"{name}: damaged checkpoint (attribute {key} holds a value that is not finite)")
@@ -167,12 +168,18 @@ class Checkpoint:
         return g
 
     def save_epoch(
-        self, state: ChainState, epochs: int, lloyd_steps: int, screen_inertia: list[float] | None = None
+        self,
+        state: ChainState,
+        epochs: int,
+        lloyd_steps: int,
+        screen_inertia: list[float] | None = None,
+        screen_agreement: list[float] | None = None,
     ) -> None:
         """Save a chain's state at the end of epoch ``state.epoch`` (1-based count of epochs done).
 
         Only the restart chosen by the screening saves epochs; ``screen_inertia`` (every restart's inertia at the
-        screening) is kept with it, for metrics.json after a resume.
+        screening) and ``screen_agreement`` (the ARI of every two restarts on the selection sample, kselect.py) are
+        kept with it, for metrics.json after a resume.
         """
         g = self._chain(state.k, state.restart, epochs, lloyd_steps, state.centers.shape[1])
         e = state.epoch - 1
@@ -188,6 +195,7 @@ class Checkpoint:
                     "n_since_last_reassign": attrs["n_since_last_reassign"][:e] + [state.n_since_last_reassign],
                     "n_steps": attrs["n_steps"][:e] + [state.n_steps],
                     "screen_inertia": [float(v) for v in screen_inertia or []],
+                    "screen_agreement": [float(v) for v in screen_agreement or []],
                 }
             )
 
@@ -253,9 +261,10 @@ class Checkpoint:
                     or not all(isinstance(v, int) and not isinstance(v, bool) for v in values[:epochs_done])
                 ):
                     raise ValueError(f"{key} does not hold an integer for each of the {epochs_done} saved epochs")
-            screen = a.get("screen_inertia", [])
-            if not isinstance(screen, list) or not all(isinstance(v, (int, float)) for v in screen):
-                raise ValueError("screen_inertia is not a list of numbers")
+            for key in ("screen_inertia", "screen_agreement"):
+                screen = a.get(key, [])
+                if not isinstance(screen, list) or not all(isinstance(v, (int, float)) for v in screen):
+                    raise ValueError(f"{key} is not a list of numbers")
             if lloyd_done:
                 for key in ("epoch_inertia", "lloyd_inertia"):
                     if not isinstance(a.get(key), list):

@@ -21,6 +21,10 @@ from mnist_kmeans.errors import UserError
 RUN_LOCK = ".lock"  # in the run directory, while a process writes it
 
 
+class RunDirBusy(UserError):
+    """The run directory is claimed by another process (a ``run``, a submitted job's driver, a ``cancel``)."""
+
+
 def lock_file(path: Path) -> int:
     """An open descriptor of ``path`` (created if need be) holding its exclusive ``flock``.
 
@@ -77,7 +81,7 @@ def claim_run_dir(run_dir: Path, resuming: bool) -> RunDirClaim:
     except OSError as exc:
         _remove_empty(made)
         if isinstance(exc, BlockingIOError):
-            raise UserError(f"{run_dir}: another mnist-kmeans run is writing this run directory") from None
+            raise RunDirBusy(f"{run_dir}: another mnist-kmeans run is writing this run directory") from None
         raise UserError(f"{run_dir}: cannot write there: {exc.strerror or exc}") from None
     claim = RunDirClaim(run_dir, fd, made)
     if not resuming and any(p.name != RUN_LOCK for p in run_dir.iterdir()):

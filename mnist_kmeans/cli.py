@@ -1,4 +1,4 @@
-"""Command line: argument parsing only. Maps UserError -> exit 2, ClusterError -> exit 3, interrupt -> 130."""
+"""Command line: argument parsing only. Maps UserError -> exit 2, ClusterError -> 3, interrupt and Cancelled -> 130."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from mnist_kmeans import __version__
 from mnist_kmeans.config import default_source, default_store, scheduler_address
-from mnist_kmeans.errors import ClusterError, UserError, one_line, to_stderr
+from mnist_kmeans.errors import Cancelled, ClusterError, UserError, one_line, to_stderr
 
 EXIT_OK, EXIT_USER, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -53,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--store", default=None, help="store path or URL; overrides the job file")
     run.add_argument("--out", default=None, help="run directory (default runs/<job-name>-<UTC timestamp>)")
     run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+
+    submit = sub.add_parser("submit", help="run a job on a running cluster without staying connected (then: wait)")
+    submit.add_argument("job", help="job file (jobs/*.yaml)")
+    submit.add_argument("--cluster", default=None, help="cluster file (default: ./cluster.yaml if present)")
+    submit.add_argument(
+        "--scheduler", default=None, type=_scheduler_option, help="scheduler address; overrides the cluster file"
+    )
+    submit.add_argument("--store", default=None, help="store path or URL; overrides the job file")
+    submit.add_argument("--out", default=None, help="run directory (default runs/<job-name>-<UTC timestamp>)")
+    submit.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted or cancelled run")
+    for name, text in (
+        ("status", "the state of a job, from its run directory alone"),
+        ("wait", "block until a job is done; print its report's path (exit codes as run)"),
+        ("cancel", "stop a job, keeping its finished epochs"),
+    ):
+        sub.add_parser(name, help=text).add_argument("run_dir")
 
     rep = sub.add_parser("report", help="render report.html again from a run directory, no cluster")
     rep.add_argument("run_dir")
@@ -108,6 +124,34 @@ def _dispatch(args: argparse.Namespace) -> int:
             argv=sys.argv,
         )
         print(report)
+    elif args.command == "submit":
+        from mnist_kmeans.config import load_job
+
+        load_job(args.job)  # before importing the numeric stack, as run does
+        from mnist_kmeans.submit import submit_job
+
+        submitted = submit_job(
+            args.job,
+            cluster_file=args.cluster,
+            scheduler=args.scheduler,
+            store=args.store,
+            out=args.out,
+            resume=args.resume,
+            argv=sys.argv,
+        )
+        print("\n".join(submitted.lines()))
+    elif args.command == "status":
+        from mnist_kmeans.submit import job_status
+
+        print(job_status(args.run_dir).line())
+    elif args.command == "wait":
+        from mnist_kmeans.submit import wait_job
+
+        print(wait_job(args.run_dir))
+    elif args.command == "cancel":
+        from mnist_kmeans.submit import cancel_job
+
+        print(cancel_job(args.run_dir).line())
     elif args.command == "report":
         from mnist_kmeans.report import render_report
 
@@ -138,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClusterError as exc:
         to_stderr(f"cluster error: {one_line(exc)}")
         return EXIT_CLUSTER
+    except Cancelled as exc:  # `run` (or `wait` for a job) stopped by `cancel`
+        to_stderr(one_line(exc) or "cancelled")
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt as exc:
         if argv is None:  # this process is the command and now exits: a second Ctrl-C changes nothing of that
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -27,6 +27,12 @@ class ClusterError(Exception):
     exit_code = 3
 
 
+class Cancelled(Exception):
+    """A job stopped by ``mnist-kmeans cancel`` (exit code 130, as an interrupt); its finished epochs are kept."""
+
+    exit_code = 130
+
+
 def to_stderr(message: str) -> None:
     """The command line's :data:`Log`: one line on stderr, flushed at once."""
     print(message, file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ equal ``sklearn.metrics`` on the original vectors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ class PassStats:
     counts: np.ndarray  # int64 (K,): rows nearest to each center
     contingency: np.ndarray  # int64 (K, n_classes): rows per (nearest center, true class)
     sums: np.ndarray | None = field(default=None)  # float64 (K, n_features): per-center sum of its rows
+    # The evaluation pass's label of each row, kept only in one chunk's own statistics (``+`` drops it): the
+    # selection pass reads it on the worker (kselect.py).
+    labels: np.ndarray | None = field(default=None)
 
     def __add__(self, other: PassStats) -> PassStats:
         sums = None if self.sums is None or other.sums is None else self.sums + other.sums
@@ -76,6 +80,7 @@ def chunk_stats(
     with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
     gemm_groups: Sequence[int] = (),
+    evaluation: bool = False,
 ) -> list[PassStats]:
     """Statistics of each center set (every K of the grid, the restarts of a K ...) on the rows ``x`` (float32) with
     classes ``y``, read once for all of them.
@@ -86,7 +91,8 @@ def chunk_stats(
     (default: one each, with its history). Sharing is faster for small K, but BLAS rounds a column of a product
     differently depending on the other columns: only sets that always travel together (the restarts of one K) may
     share, or a set's labels would depend on what else its pass holds, and a resumed run, whose passes hold other
-    sets, could end with other centroids. A pure function.
+    sets, could end with other centroids. ``evaluation``: the job's evaluation pass, whose statistics also hold the
+    sums in float64 (the means of kselect.py) and the labels. A pure function.
     """
     n = len(center_sets)
     histories = list(histories) or [()] * n
@@ -102,12 +108,15 @@ def chunk_stats(
         assigned_sets += _assign_many(x, group, x_sq)
         first += size
     assigned = iter(assigned_sets)
+    # float64 sums in the evaluation: the means of kselect.py, compared with scikit-learn's to 1e-6
+    rows = x.astype(np.float64) if evaluation else x
     out = []
     for centers, hist, want_sums in zip(center_sets, histories, sums, strict=True):
         ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
         labels, dist = next(assigned)
         ssd.append(float(dist.sum(dtype=np.float64)))
-        out.append(_tables(x, y, labels, len(centers), n_classes, ssd, want_sums))
+        stats = _tables(rows, y, labels, len(centers), n_classes, ssd, want_sums or evaluation)
+        out.append(dataclasses.replace(stats, labels=labels) if evaluation else stats)
     return out
 
 
@@ -118,9 +127,10 @@ def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: b
     if with_sums:
         # A sparse one-hot (K x n) product: one add per pixel whatever K is, where a dense one-hot GEMM costs as much
         # as the distances and np.add.at/reduceat are 5-10x slower. Built column-wise (CSC: row i's one entry in
-        # column i), so the product reads x in order: 2.9 ms for 10,000 MNIST rows against 6.7 ms for the row-wise
-        # (CSR) product, with the same bits (each center's rows are added in row order either way). A chunk's sums
-        # are exact enough in float32 (at most chunk_rows values in [0, 1]); chunks are summed in float64.
+        # column i), so the product reads x in order: 2.9 ms for 10,000 float32 MNIST rows against 6.7 ms for the
+        # row-wise (CSR) product, with the same bits (each center's rows are added in row order either way). A
+        # chunk's sums are exact enough in float32 for a Lloyd step (at most chunk_rows values in [0, 1]); chunks are
+        # summed in float64. The evaluation passes float64 rows.
         import scipy.sparse
 
         n = len(labels)
@@ -138,6 +148,7 @@ def chunk_stats_task(
     with_sums: bool | Sequence[bool] = False,
     histories: Sequence[Sequence[np.ndarray]] = (),
     gemm_groups: Sequence[int] = (),
+    evaluation: bool = False,
 ) -> list[PassStats]:
     """One task: :func:`chunk_stats` on one chunk of the store, read on the worker."""
     x, y = load_chunk(info, split, chunk)
@@ -151,6 +162,7 @@ def chunk_stats_task(
         with_sums=with_sums,
         histories=histories,
         gemm_groups=gemm_groups,
+        evaluation=evaluation,
     )
 
 

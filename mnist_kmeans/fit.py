@@ -93,6 +93,7 @@ class Purpose(IntEnum):
     KMEANS_PP = 1
     CHUNK_ORDER = 2
     REASSIGN = 3
+    SELECTION_SAMPLE = 4  # the rows of the silhouette and restart-agreement sample (kselect.py)
 
 
 def derive_seed(seed: int, purpose: Purpose, *parts: int) -> int:

@@ -10,6 +10,8 @@
 5. :func:`write_results` writes every result file; then the performance report and ``report.html``.
 
 The command line (``cli.py``) and the Python API (``api.py``) both call :func:`run_job`; only the connection differs.
+Steps 4 and 5 are :func:`run_recorded`, which ``status.json`` follows stage by stage; a submitted job's driver
+(``submit.py``) runs the very same steps on the cluster, its client a worker's.
 """
 
 from __future__ import annotations
@@ -48,12 +50,23 @@ from mnist_kmeans.config import (
 )
 from mnist_kmeans.data.staging import local_path
 from mnist_kmeans.data.store import FORMAT, StoreInfo, open_store, read_attrs, read_rows
-from mnist_kmeans.errors import ClusterError, Log, UserError, count, shorten, to_stderr
+from mnist_kmeans.errors import Cancelled, ClusterError, Log, UserError, count, shorten, to_stderr
 from mnist_kmeans.evaluate import accuracy, cluster_metrics, label_map, misclassified_task
 from mnist_kmeans.files import write_atomic, write_json
 from mnist_kmeans.fit import FitParams
+from mnist_kmeans.kselect import CRITERIA, inertia_knee, k_selection, sample_rows
 from mnist_kmeans.reading import read_yaml_mapping
-from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains
+from mnist_kmeans.schedule import FitPlan, KResult, Progress, run_chains, task_key
+from mnist_kmeans.status import (
+    JobStatus,
+    State,
+    StatusProgress,
+    attempts,
+    cancel_requested,
+    clear_cancel,
+    ended,
+    write_status,
+)
 
 if TYPE_CHECKING:  # cluster.py imports distributed: at run time only once the job has been checked
     from distributed import Client
@@ -121,6 +134,7 @@ class ClusterRun:
     checkpoint: Checkpoint
     manifest: dict[str, Any]  # of this start; a resume adds it to the saved one once the results are written
     cluster_start_s: float
+    progress: StatusProgress  # the fit's, which writes status.json too
 
 
 class FitOutcome(NamedTuple):
@@ -140,6 +154,7 @@ class Results:
     best_k: int
     gallery: dict[str, np.ndarray]  # the best model's first misclassified test digits
     timings: dict[str, float]  # metrics.json's; ``report_s`` and ``total_s`` are filled in last
+    k_selection: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics.json's (kselect.k_selection)
 
 
 # --- before the cluster: prepare ---------------------------------------------------------------------------------
@@ -147,7 +162,7 @@ class Results:
 
 def prepare(
     job_spec: JobSpec,
-    cluster_file: str | None,
+    cluster: ClusterConfig,
     store: str | None,
     out: str | None,
     resume: str | None,
@@ -155,7 +170,8 @@ def prepare(
     log: Log,
     t_start: float,
 ) -> JobRun:
-    """Read the job (``resolve_job``) and cluster files, open the store, claim the run directory; writes nothing else.
+    """Read the job (``resolve_job``), open the store, claim the run directory; writes nothing else. ``cluster``: the
+    cluster file as ``load_cluster`` read it (its storage options open the store).
 
     The default store, when it is not there yet, is ingested only once the cluster runs (:func:`ingest_default`), so
     that the dashboard line comes first; every other store must be there and complete.
@@ -163,7 +179,6 @@ def prepare(
     job, job_file = resolve_job(job_spec)
     job = with_overrides(job, store=local_path_option(store))
     refuse_memory_store(job.store)
-    cluster = load_cluster(cluster_file)
     run_dir, resuming = _prepare_run_dir(job, out, resume)
     info = None if _to_ingest(job.store) and not resuming else ensure_store(job.store, log, cluster.storage)[0]
     checkpoint = None
@@ -305,7 +320,7 @@ def run_job(
     ``scheduler`` is joined or started as the command line does (``cluster.connect``). Nothing else differs.
     """
     t_start, log = time.perf_counter(), log or to_stderr
-    run = prepare(job, cluster_file, store, out, resume, argv, log, t_start)
+    run = prepare(job, load_cluster(cluster_file), store, out, resume, argv, log, t_start)
     # only now: a bad job file answers without importing dask
     from mnist_kmeans.cluster import connect, given, interrupts_deferred, wait_closed
 
@@ -320,22 +335,47 @@ def run_job(
                 session = start_run_dir(run, client, cluster_info, cluster_start_s)
             if interrupted:
                 raise KeyboardInterrupt(f"interrupted; continue with: {run.resume_command()}")
-            final_timings, report = _results_and_reports(session)
-            return report.write(final_timings)
+            return run_recorded(session)
     finally:
         run.claim.release()
         wait_closed()  # an embedded cluster may still be closing behind the report
 
 
-def start_run_dir(run: JobRun, client: Client, cluster_info: ClusterInfo, cluster_start_s: float) -> ClusterRun:
-    """Once the cluster answered: a new run's directory, ``job.yaml``, ``manifest.json`` and empty checkpoint."""
+def start_run_dir(
+    run: JobRun, client: Client, cluster_info: ClusterInfo, cluster_start_s: float, cancels: bool = True
+) -> ClusterRun:
+    """Once the cluster answered: a new run's directory, ``job.yaml``, ``manifest.json`` and empty checkpoint.
+
+    A start on purpose (``run``, ``submit``: ``cancels``) drops an earlier ``cancel`` of the job; a submitted job's
+    driver, which starts the job again on its own, honours it.
+    """
     manifest = _manifest(run, cluster_info)
     checkpoint = run.checkpoint
     if not run.resuming:
         write_atomic(run.run_dir / "job.yaml", run.job_yaml)
         write_json(run.run_dir / "manifest.json", manifest)
         checkpoint = Checkpoint.create(run.run_dir / "centroids.zarr", run.info.image_shape)
-    return ClusterRun(run, client, cluster_info, checkpoint, manifest, cluster_start_s)
+    if cancels:
+        clear_cancel(run.run_dir)
+    progress = StatusProgress(run.run_dir, attempts(run.run_dir) + 1)
+    return ClusterRun(run, client, cluster_info, checkpoint, manifest, cluster_start_s, progress)
+
+
+def run_recorded(session: ClusterRun) -> Path:
+    """Fit, evaluate, write the results and the reports, saying each stage in ``status.json`` (docs/contract.md,
+    "status.json"), the end too, however it comes; returns the report's path. What ``run`` and a driver share."""
+    run, attempt = session.run, session.progress.attempt
+    try:
+        if cancel_requested(run.run_dir):
+            raise Cancelled(f"cancelled before it started; continue with: {run.resume_command()}")
+        write_status(run.run_dir, JobStatus(State.FITTING, "starting", attempt=attempt))
+        final_timings, report = _results_and_reports(session)
+        path = report.write(final_timings)
+    except BaseException as exc:
+        write_status(run.run_dir, ended(exc, attempt), strict=False)  # the error, not a failed write of it, is said
+        raise
+    write_status(run.run_dir, JobStatus(State.DONE, str(path), 0, attempt))
+    return path
 
 
 def _manifest(run: JobRun, cluster_info: ClusterInfo) -> dict[str, Any]:
@@ -421,8 +461,9 @@ def _import_report_modules() -> None:
 def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
     """Every K fitted and evaluated, the best K picked and its gallery found; ``t_fit``: when the fit started."""
     run, client = session.run, session.client
-    fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint)
+    fit = fit_and_evaluate(client, run.job, run.info, session.checkpoint, session.progress)
     best_k = pick_best_k(fit.rows)
+    selection = choose_k(client, fit.rows, run.job.seed, run.info)
     gallery = _gallery(client, run.info, fit.best[best_k], fit.label_maps[str(best_k)])
     t_done = time.perf_counter()
     fit_end = max(result.fit_seconds for result in fit.best.values()) + t_fit
@@ -434,7 +475,7 @@ def evaluate_run(session: ClusterRun, t_fit: float) -> Results:
         "report_s": 0.0,
         "total_s": 0.0,
     }
-    return Results(fit, best_k, gallery, timings)
+    return Results(fit, best_k, gallery, timings, selection)
 
 
 def plan_of(job: JobConfig, info: StoreInfo) -> FitPlan:
@@ -453,7 +494,10 @@ def fit_and_evaluate(
     """The distributed part of a job: every K fitted and evaluated, its best restart chosen."""
     best = {result.k: result for result in run_chains(client, plan_of(job, info), ckpt, progress or Progress())}
     # on the cluster, where scikit-learn is imported already (this process never imports it)
-    futures = {k: client.submit(cluster_metrics, result.train.contingency, pure=False) for k, result in best.items()}
+    futures = {
+        k: client.submit(cluster_metrics, result.train.contingency, key=task_key(f"metrics_k{k}"))
+        for k, result in best.items()
+    }
     rows, maps, tables = results_table(best, job, {k: future.result() for k, future in futures.items()})
     return FitOutcome(best, rows, maps, tables)
 
@@ -489,6 +533,10 @@ def _result_row(result: KResult, job: JobConfig, scores: dict[str, float], mappi
         "inertia_test": result.test.inertia,
         "inertia_per_epoch": result.trajectory,
         "fit_seconds": round(result.fit_seconds, 3),
+        **{name: result.selection.get(name) for name in CRITERIA},
+        # how far the restarts agree at the screening (kselect.restart_agreement); null with one restart
+        "restart_ari_mean": float(np.mean(result.restart_agreement)) if result.restart_agreement else None,
+        "restart_ari_min": min(result.restart_agreement) if result.restart_agreement else None,
     }
 
 
@@ -501,10 +549,20 @@ def pick_best_k(rows: list[dict]) -> int:
     return max(rows, key=lambda row: (row["ari"], -row["k"]))["k"]
 
 
+def choose_k(client: Client, rows: list[dict], seed: int, info: StoreInfo) -> dict[str, Any]:
+    """metrics.json's ``k_selection``: each label-free criterion's K and the recommendation (kselect.k_selection);
+    the knee is found on the cluster, where kneed and scipy are imported anyway."""
+    ks, inertia = [row["k"] for row in rows], [row["inertia"] for row in rows]
+    knee = client.submit(inertia_knee, ks, inertia, key=task_key("knee")).result()
+    return k_selection(rows, knee, len(sample_rows(info.n_train, seed)))
+
+
 def _gallery(client: Client, info: StoreInfo, best: KResult, mapping: list[int | None]) -> dict[str, np.ndarray]:
     """The first misclassified test digits of the best model, found on the workers."""
     futures = [
-        client.submit(misclassified_task, best.centers, mapping, info, chunk, GALLERY_SIZE, pure=False)
+        client.submit(
+            misclassified_task, best.centers, mapping, info, chunk, GALLERY_SIZE, key=task_key("gallery", f"c{chunk}")
+        )
         for chunk in range(info.n_chunks("test"))
     ]
     images, true, pred = [], [], []
@@ -554,6 +612,7 @@ def _metrics(session: ClusterRun, results: Results) -> dict[str, Any]:
         },
         "results": results.fit.rows,
         "best_k": results.best_k,
+        "k_selection": results.k_selection,
         "inertia_per_epoch_note": _inertia_note(session.run.job),
         "restart_inertia_note": (
             "exact training inertia of each restart after its first screen_rows rows; only the lowest (restart) went on"
@@ -675,6 +734,8 @@ def _one_line_errors(session: ClusterRun) -> Iterator[None]:
         raise KeyboardInterrupt(
             f"interrupted: finished epochs are saved; continue with: {run.resume_command()}"
         ) from None
+    except Cancelled:
+        raise Cancelled(f"cancelled: finished epochs are saved; continue with: {run.resume_command()}") from None
     except (UserError, ClusterError):
         raise
     except Exception as exc:

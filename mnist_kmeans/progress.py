@@ -54,10 +54,7 @@ class Progress:
         if self.notebook:
             self._draw_bar(records, epochs)
             return
-        stages = "  ".join(f"K={k} {_stage(record, epochs)}" for k, record in sorted(records.items()))
-        total = sum(record.fit_tasks for record in records.values())
-        percent = 100 * sum(record.fit_done for record in records.values()) // max(total, 1)
-        self.stream.write(f"\rfit {percent:3d}% of epochs | " + stages + "\033[K")
+        self.stream.write(f"\r{progress_line(records, epochs)}\033[K")
         self.stream.flush()
 
     def _draw_bar(self, records: Mapping[int, KStatus], epochs: int) -> None:
@@ -78,6 +75,15 @@ class Progress:
         elif self.enabled and not self.notebook:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def progress_line(records: Mapping[int, KStatus], epochs: int) -> str:
+    """``fit  42% of epochs | K=4 1/2 ep  K=8 lloyd``: the share of partial_fit tasks done and each K's stage (the
+    terminal's line, and a submitted job's status: ``status.py``)."""
+    stages = "  ".join(f"K={k} {_stage(record, epochs)}" for k, record in sorted(records.items()))
+    total = sum(record.fit_tasks for record in records.values())
+    percent = 100 * sum(record.fit_done for record in records.values()) // max(total, 1)
+    return f"fit {percent:3d}% of epochs | {stages}"
 
 
 def _stage(record: KStatus, epochs: int) -> str:

@@ -8,12 +8,16 @@ The graph, in three phases::
     2. every K's epochs       fit_lane × (epochs · n_chunks - S)          the chosen chains, a few K's per lane (fit.py)
     3. the grid's passes      [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update per K] × lloyd_steps
                               chunk_stats × n_chunks of train and of test ─▶ tree of combine    the evaluation
+                              selection_chunk_task × n_chunks ─▶ tree of combine ─▶ selection_scores
+                                                                          the label-free indices (kselect.py)
 
 Restarts are screened as scikit-learn's ``MiniBatchKMeans`` screens its ``n_init`` initialisations: every restart
 runs only its first chunk(s), they are compared by their exact training inertia, and only the best runs its epochs
 and Lloyd steps. So restarts cost one chunk each whatever the size of the data set, and the K's with the most
 restarts (the small ones, where the local optimum found varies most) do not multiply the work of the rest. With
-one restart there is no screening.
+one restart there is no screening. The screening also measures how far the restarts agree on the selection sample
+(:func:`screen_outcome`): the losing restarts' centers exist only then, so that agreement is saved with the
+winner's chain, like its inertia, and a resumed run reports the same numbers.
 
 Every statistics pass serves the whole grid at once: each chunk task reads its rows once for every K that needs the
 pass, a sixth of the tasks of a pass per K. The restarts of a K share one GEMM (small-K products alone use a fraction
@@ -22,7 +26,8 @@ of the machine); different K's do not, so that a K's result never depends on whi
 
 Futures rather than one delayed graph: the chains run eagerly, every epoch end is saved the moment it exists,
 progress is exact, and a Ctrl-C cancels what is left. The client holds one future per chain and step in
-flight, and only small results (a chain's state, reduced tables) ever come back to it.
+flight, and only small results (a chain's state, reduced tables) ever come back to it. Each task's key names its
+step and K (:func:`task_key`), so that the dashboard shows one progress bar per K and phase.
 
 On the client, :func:`run_chains` submits the three phases in that order, then handles each result it watches for
 (a ``Watched``: its ``ResultKind``, its K, its step, its part of the future's result) as it arrives, one handler per
@@ -32,11 +37,11 @@ kind: the checkpoint's saves, the inertia curve, the restart chosen, the statist
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 from distributed import Client, Future, as_completed
@@ -46,6 +51,15 @@ from mnist_kmeans.data.store import StoreInfo
 from mnist_kmeans.errors import UserError
 from mnist_kmeans.evaluate import PassStats, chunk_stats_task, combine, lloyd_update
 from mnist_kmeans.fit import ChainState, FitParams, draw_sample, fit_chunk, fit_lane, init_chain
+from mnist_kmeans.kselect import (
+    cluster_means,
+    restart_agreement,
+    rows_in_chunk,
+    sample_rows,
+    selection_chunk_task,
+    selection_scores,
+)
+from mnist_kmeans.kselect import draw_sample as draw_selection_sample
 from mnist_kmeans.progress import Progress
 
 # Every K's start (phase 1) runs before any epoch: the small K, whose many restarts make long sequences of short
@@ -77,9 +91,22 @@ class KResult:
     test: PassStats
     trajectory: list[float]  # training inertia after each epoch, then after each Lloyd step
     fit_seconds: float
+    restart_agreement: list[float] = field(default_factory=list)  # ARI of each pair of restarts (Screening)
+    selection: dict[str, float | None] = field(default_factory=dict)  # kselect.selection_scores
 
 
 # --- the tasks this module adds (module-level: they run on the workers) ----------------------------------------------
+
+
+def task_key(group: str, *words: object) -> str:
+    """A task key unique on any cluster (a random token last) whose dashboard group is ``group``.
+
+    The dashboard's progress bars are per ``dask.utils.key_split`` of the key, which keeps the first word and then
+    only purely alphabetic ones: ``fit-k256-...`` would join every K under ``fit``. So the K or the step is joined
+    with ``_`` (``fit_k256``, ``stats_lloyd1``) and the other words, which never make a group, follow:
+    ``task_key("fit_k256", "e2", "c3")`` is ``fit_k256-e2-c3-<uuid4 hex>`` (docs/contract.md, "Task keys").
+    """
+    return "-".join([group, *map(str, words), uuid.uuid4().hex])
 
 
 def centers_of(state: ChainState) -> np.ndarray:
@@ -112,12 +139,18 @@ def lanes_of(positions: dict[int, int], n_lanes: int) -> list[list[int]]:
     return out
 
 
-def tree_reduce(client: Client, parts: Sequence[Future], fan_in: int = 8, priority: int = 0) -> Future:
-    """Sum ``PassStats`` futures on the cluster, ``fan_in`` at a time, until one is left."""
+def tree_reduce(
+    client: Client, parts: Sequence[Future], fan_in: int = 8, priority: int = 0, group: str = "combine"
+) -> Future:
+    """Sum ``PassStats`` futures on the cluster, ``fan_in`` at a time, until one is left; keys of ``group``."""
     parts = list(parts)
+    level = 0
     while len(parts) > 1:
+        level += 1
         parts = [
-            client.submit(combine, *parts[i : i + fan_in], pure=False, priority=priority)
+            client.submit(
+                combine, *parts[i : i + fan_in], key=task_key(group, f"l{level}", f"p{i // fan_in}"), priority=priority
+            )
             for i in range(0, len(parts), fan_in)
         ]
     return parts[0]
@@ -129,8 +162,24 @@ def select_restart(stats: list[PassStats], start: int, stop: int) -> int:
     return int(np.argmin([st.inertia for st in stats[start:stop]]))
 
 
-def pick(index: int, items: Sequence[Any]) -> Any:
-    return items[index]
+@dataclass(frozen=True)
+class Screening:
+    """The outcome of a K's screening: the restart that goes on, and the adjusted Rand index of each pair of
+    restarts' assignments of the selection sample (pairs in ``itertools.combinations`` order)."""
+
+    index: int
+    agreement: list[float]
+
+
+def screen_outcome(
+    stats: list[PassStats], start: int, stop: int, sample: np.ndarray, *centers: np.ndarray
+) -> Screening:
+    """:func:`select_restart`, and how far the restarts (``centers``, in restart order) agree on ``sample``."""
+    return Screening(select_restart(stats, start, stop), restart_agreement(sample, centers))
+
+
+def winner(screening: Screening, chains: Sequence[Any]) -> Any:
+    return chains[screening.index]
 
 
 def lloyd_step(index: int, centers: Sequence[np.ndarray], stats: list[PassStats]) -> np.ndarray:
@@ -148,13 +197,14 @@ class ResultKind(Enum):
     EPOCH = "epoch"  # a fit_lane task that ends epoch ``step``: counted, and the K's chain state saved
     SAVE = "save"  # the screening's winner, which ended epoch 1: saved (its chunks were counted as they ran)
     SCREEN = "screen"  # the screening pass: each restart's training inertia
-    SELECT = "select"  # the index of the restart that won the screening
+    SELECT = "select"  # the Screening: the restart that won and how far the restarts agree
     EPOCHS = "epochs"  # the grid pass after the epochs: the inertia after each epoch
     LLOYD_STATS = "lloyd-stats"  # the grid pass before Lloyd step ``step``: the inertia after step ``step - 1``
     LLOYD = "lloyd"  # the centers after Lloyd step ``step``: saved
     EVAL_TRAIN = "eval-train"  # the statistics of the final centers over the training split
     EVAL_TEST = "eval-test"  # ... over the test split
     FINAL = "final"  # the final centers
+    SELECTION = "selection"  # the label-free indices of the final centers (kselect.selection_scores)
 
 
 @dataclass(frozen=True)
@@ -217,6 +267,8 @@ class _KRecord:
     t_fit_end: float | None = None
     chosen: int | None = None
     restart_inertia: dict[int, float] = field(default_factory=dict)  # each restart's, at the screening
+    restart_agreement: list[float] = field(default_factory=list)  # Screening.agreement
+    selection: dict[str, float | None] = field(default_factory=dict)
     epoch_inertia: list[float] = field(default_factory=list)  # after epochs 1..E-1, then after epoch E
     lloyd_inertia: list[float] = field(default_factory=list)  # after Lloyd steps 1..L-1 (inputs of later passes)
     train: PassStats | None = None
@@ -250,10 +302,19 @@ class _KRecord:
             self.test,
             self.epoch_inertia + lloyd,
             seconds,
+            self.restart_agreement,
+            self.selection,
         )
 
 
 Handler = Callable[[_KRecord, Watched, _Result], None]
+
+
+def _pass_group(grid: list[tuple[int, GridPass]]) -> str:
+    """The dashboard group of a grid pass: ``stats_lloyd{s}`` when it makes Lloyd step ``s`` (of its K's furthest
+    behind), else ``stats_eval`` (the evaluation over the training split)."""
+    steps = [grid_pass.lloyd_step for _, grid_pass in grid if grid_pass.with_sums]
+    return f"stats_lloyd{min(steps)}" if steps else "stats_eval"
 
 
 class _Scheduler:
@@ -265,6 +326,9 @@ class _Scheduler:
         self.screen_chunks = plan.params.screen_chunks(plan.info)
         self.records: dict[int, _KRecord] = {}
         self.sample: Future | None = None  # the k-means++ sample, drawn only if some chain starts afresh
+        self.selection_rows = sample_rows(plan.info.n_train, plan.params.seed)
+        self.selection_images: Future | None = None  # those rows' images, drawn once
+        self.evaluation: tuple[list[Future], Future] | None = None  # the evaluation pass: its chunks' and its sum
         self.starts: dict[int, _Start] = {}  # phase 1's ends, where each K's phase 2 starts
         self.centers: dict[int, Any] = {}  # each K's current centers (a future, or an array read from the checkpoint)
         self.epoch_centers: dict[int, tuple] = {}  # each K's centers after each epoch but the last
@@ -282,6 +346,7 @@ class _Scheduler:
             ResultKind.EVAL_TRAIN: self.on_eval_train,
             ResultKind.EVAL_TEST: self.on_eval_test,
             ResultKind.FINAL: self.on_final,
+            ResultKind.SELECTION: self.on_selection,
         }
 
     # --- submitting ---------------------------------------------------------------------------------------------
@@ -289,14 +354,18 @@ class _Scheduler:
     def watch(self, future: Future, *watched: Watched) -> None:
         self.watched.setdefault(future, []).extend(watched)
 
-    def submit(self, func: Callable, *args: Any, watch: Watched | None = None, **kwargs: Any) -> Future:
-        future = self.client.submit(func, *args, pure=False, **kwargs)
+    def submit(
+        self, func: Callable, *args: Any, key: tuple[object, ...], watch: Watched | None = None, **kwargs: Any
+    ) -> Future:
+        """``func(*args)`` on the cluster, its key made of the words of ``key`` (:func:`task_key`)."""
+        future = self.client.submit(func, *args, key=task_key(*key), **kwargs)
         if watch is not None:
             self.watch(future, watch)
         return future
 
     def stats_pass(
         self,
+        group: str,
         split: str,
         center_sets: list[Any],
         with_sums: bool | list[bool],
@@ -304,8 +373,24 @@ class _Scheduler:
         gemm_groups: Sequence[int] = (),
         priority: int = 0,
     ) -> Future:
-        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``."""
-        parts = [
+        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``; the tasks'
+        keys are of ``group`` (e.g. ``stats_lloyd1``), their sums' of ``group_sum``."""
+        parts = self.chunk_stats(group, split, center_sets, with_sums, histories, gemm_groups, priority)
+        return tree_reduce(self.client, parts, priority=priority, group=f"{group}_sum")
+
+    def chunk_stats(
+        self,
+        group: str,
+        split: str,
+        center_sets: list[Any],
+        with_sums: bool | list[bool],
+        histories: Sequence = (),
+        gemm_groups: Sequence[int] = (),
+        priority: int = 0,
+        evaluation: bool = False,
+    ) -> list[Future]:
+        """The chunk tasks of :meth:`stats_pass`: a future of ``list[PassStats]`` per chunk."""
+        return [
             self.submit(
                 chunk_stats_task,
                 center_sets,
@@ -315,18 +400,22 @@ class _Scheduler:
                 with_sums=with_sums,
                 histories=histories,
                 gemm_groups=gemm_groups,
+                evaluation=evaluation,
                 priority=priority,
+                key=(group, f"c{chunk}"),
             )
             for chunk in range(self.info.n_chunks(split))
         ]
-        return tree_reduce(self.client, parts, priority=priority)
 
-    def screening_chunks(self, state: Any, k: int) -> Future:
+    def screening_chunks(self, state: Any, k: int, restart: int) -> Future:
         """A restart's screening: ``fit_chunk`` on its first ``screen_chunks`` chunks (never saved; the winner's
-        state is, if the screening ended its first epoch)."""
+        state is, if the screening ended its first epoch). Keys: ``screen_k{K}-r{restart}-e1-c{chunk}-…``."""
         counted = Watched(ResultKind.CHUNK, k)
-        for _ in range(self.screen_chunks):
-            state = self.submit(fit_chunk, state, self.info, self.plan.params, watch=counted, priority=START_PRIORITY)
+        for chunk in range(self.screen_chunks):  # at most one epoch
+            key = (f"screen_k{k}", f"r{restart}", "e1", f"c{chunk}")
+            state = self.submit(
+                fit_chunk, state, self.info, self.plan.params, watch=counted, priority=START_PRIORITY, key=key
+            )
         return state
 
     # --- phase 1: every K's start --------------------------------------------------------------------------------
@@ -349,7 +438,8 @@ class _Scheduler:
                 screened[k] = self.start_restarts(k, n_restarts)
             else:
                 record.chosen = 0
-                chain = self.submit(init_chain, self.kmeans_sample(), k, 0, self.plan.params, priority=START_PRIORITY)
+                sample, params = self.kmeans_sample(), self.plan.params
+                chain = self.submit(init_chain, sample, k, 0, params, priority=START_PRIORITY, key=(f"init_k{k}", "r0"))
                 self.starts[k] = _Start(chain, 0, [])
         if screened:
             self.screen(screened)
@@ -371,6 +461,7 @@ class _Scheduler:
         record.chosen, record.fit_done = restart, epochs_done * self.n_chunks
         attrs = ckpt.chain_attrs(k, restart)
         record.restart_inertia = dict(enumerate(attrs.get("screen_inertia", [])))
+        record.restart_agreement = list(attrs.get("screen_agreement", []))
         if lloyd_done:
             record.epoch_inertia = list(attrs["epoch_inertia"])
             record.lloyd_inertia = list(attrs["lloyd_inertia"])[: lloyd_done - 1]
@@ -382,21 +473,36 @@ class _Scheduler:
         """The k-means++ sample, drawn once for all chains (as many rows as the largest K needs)."""
         if self.sample is None:
             rows = max(self.plan.params.init_rows(k, self.info.n_train) for k in self.plan.restarts)
-            self.sample = self.submit(draw_sample, self.info, rows, self.plan.params.seed, priority=START_PRIORITY)
+            seed = self.plan.params.seed
+            self.sample = self.submit(draw_sample, self.info, rows, seed, priority=START_PRIORITY, key=("sample",))
         return self.sample
+
+    def selection_sample(self) -> Future:
+        """The images of the selection sample (kselect.sample_rows), drawn once for the screening and the silhouette."""
+        if self.selection_images is None:
+            self.selection_images = self.submit(
+                draw_selection_sample, self.info, self.selection_rows, priority=START_PRIORITY, key=("select_sample",)
+            )
+        return self.selection_images
 
     def start_restarts(self, k: int, n_restarts: int) -> list[Future]:
         """Every restart of K: k-means++, then its screening chunks (not saved); each restart's state after them."""
         sample, params = self.kmeans_sample(), self.plan.params
-        inits = [self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY) for r in range(n_restarts)]
-        return [self.screening_chunks(chain, k) for chain in inits]
+        inits = [
+            self.submit(init_chain, sample, k, r, params, priority=START_PRIORITY, key=(f"init_k{k}", f"r{r}"))
+            for r in range(n_restarts)
+        ]
+        return [self.screening_chunks(chain, k, r) for r, chain in enumerate(inits)]
 
     def screen(self, screened: dict[int, list[Future]]) -> None:
         """One pass measures every restart of every screened K; each K's best restart goes on from there."""
         center_sets = [
-            self.submit(centers_of, chain, priority=START_PRIORITY) for chains in screened.values() for chain in chains
+            self.submit(centers_of, chain, priority=START_PRIORITY, key=(f"centers_k{k}", f"r{r}"))
+            for k, chains in screened.items()
+            for r, chain in enumerate(chains)
         ]
         stats = self.stats_pass(
+            "stats_screen",
             "train",
             center_sets,
             False,
@@ -408,20 +514,23 @@ class _Scheduler:
             restarts = slice(first, first + len(chains))  # K's restarts among the pass's center sets
             first = restarts.stop
             self.watch(stats, Watched(ResultKind.SCREEN, k, index=restarts))
-            index = self.submit(
-                select_restart,
+            screening = self.submit(
+                screen_outcome,
                 stats,
                 restarts.start,
                 restarts.stop,
+                self.selection_sample(),
+                *center_sets[restarts],
                 watch=Watched(ResultKind.SELECT, k),
                 priority=START_PRIORITY,
+                key=(f"select_k{k}",),
             )
-            winner = self.submit(pick, index, chains, priority=START_PRIORITY)
-            self.starts[k] = _Start(winner, self.screen_chunks, [])
+            chosen = self.submit(winner, screening, chains, priority=START_PRIORITY, key=(f"pick_k{k}",))
+            self.starts[k] = _Start(chosen, self.screen_chunks, [])
             if self.screen_chunks == self.n_chunks:  # the screening ended the first epoch: save the winner's
-                self.watch(winner, Watched(ResultKind.SAVE, k, step=1))
+                self.watch(chosen, Watched(ResultKind.SAVE, k, step=1))
                 if self.plan.epochs > 1:
-                    self.starts[k].epoch_centers.append(self.submit(centers_of, winner))
+                    self.starts[k].epoch_centers.append(self.submit(centers_of, chosen, key=(f"centers_k{k}", "e1")))
 
     # --- phase 2: every K's epochs -------------------------------------------------------------------------------
 
@@ -448,25 +557,33 @@ class _Scheduler:
 
     def finish_lane(self, ks: list[int]) -> None:
         """Submit the rest of the epochs of the K's of one lane (all at the same position; each epoch end saved):
-        each K's centers after them, and after each earlier epoch."""
+        each K's centers after them, and after each earlier epoch.
+
+        Keys: ``fit_k{K1}_k{K2}…-e{epoch}-c{chunk}-…``, the lane's K's joined by ``_`` in the first word, so that the
+        dashboard shows one bar per lane (``fit_k10_k16``; ``fit_k256`` for a lane of one K) (docs/contract.md,
+        "Task keys")."""
         starts = [self.starts[k] for k in ks]
-        n_chunks, end = self.n_chunks, self.plan.epochs * self.n_chunks
+        n_chunks, epochs = self.n_chunks, self.plan.epochs
+        end = epochs * n_chunks
         lane: Any = [start.state for start in starts]
-        name = "-".join(f"k{k}" for k in ks)
+        group = "fit_" + "_".join(f"k{k}" for k in ks)
         for chunk in range(starts[0].chunks_done, end):
-            lane = self.client.submit(fit_lane, lane, self.info, self.plan.params, key=f"fit_lane-{name}-{uuid4().hex}")
+            step = (chunk + 1) // n_chunks
+            words = (group, f"e{chunk // n_chunks + 1}", f"c{chunk % n_chunks}")
+            lane = self.submit(fit_lane, lane, self.info, self.plan.params, key=words)
             epoch_end = (chunk + 1) % n_chunks == 0
             for index, k in enumerate(ks):
-                step = (chunk + 1) // n_chunks
                 kind = ResultKind.EPOCH if epoch_end else ResultKind.CHUNK
                 self.watch(lane, Watched(kind, k, step, index) if epoch_end else Watched(kind, k))
                 if epoch_end and chunk + 1 < end:  # the centers after every epoch but the last, for their inertia
-                    starts[index].epoch_centers.append(self.submit(lane_centers, lane, index))
+                    key = (f"centers_k{k}", f"e{step}")
+                    starts[index].epoch_centers.append(self.submit(lane_centers, lane, index, key=key))
         for index, (k, start) in enumerate(zip(ks, starts, strict=True)):
+            key = (f"centers_k{k}", f"e{epochs}")
             if isinstance(lane, Future):
-                self.centers[k] = self.submit(lane_centers, lane, index)
+                self.centers[k] = self.submit(lane_centers, lane, index, key=key)
             else:  # nothing left to fit: the screening ended the last epoch
-                self.centers[k] = self.submit(centers_of, start.state)
+                self.centers[k] = self.submit(centers_of, start.state, key=key)
             self.epoch_centers[k] = tuple(start.epoch_centers)
 
     # --- phase 3: the grid's passes ------------------------------------------------------------------------------
@@ -477,32 +594,73 @@ class _Scheduler:
         n_passes = max(len(passes) for passes in self.passes.values())
         aligned = {k: [None] * (n_passes - len(passes)) + passes for k, passes in self.passes.items()}
         for position in range(n_passes):
-            self.grid_pass([(k, line[position]) for k, line in aligned.items() if line[position] is not None])
+            grid = [(k, line[position]) for k, line in aligned.items() if line[position] is not None]
+            self.grid_pass(grid, evaluation=position == n_passes - 1)
         self.test_pass()
+        self.selection_pass()
 
-    def grid_pass(self, grid: list[tuple[int, GridPass]]) -> None:
-        """One pass over the training split for the K's of ``grid``, and the Lloyd steps made from its sums."""
+    def grid_pass(self, grid: list[tuple[int, GridPass]], evaluation: bool = False) -> None:
+        """One pass over the training split for the K's of ``grid``, and the Lloyd steps made from its sums.
+
+        ``evaluation``: the last pass, which every K takes part in: its chunks keep their labels for the selection
+        pass."""
         center_sets = [self.centers[k] for k, _ in grid]
         histories = [self.epoch_centers[k] if grid_pass.kind is ResultKind.EPOCHS else () for k, grid_pass in grid]
-        stats = self.stats_pass("train", center_sets, [grid_pass.with_sums for _, grid_pass in grid], histories)
+        with_sums = [grid_pass.with_sums for _, grid_pass in grid]
+        group = _pass_group(grid)
+        parts = self.chunk_stats(group, "train", center_sets, with_sums, histories, evaluation=evaluation)
+        stats = tree_reduce(self.client, parts, group=f"{group}_sum")
+        if evaluation:
+            self.evaluation = parts, stats
         for index, (k, grid_pass) in enumerate(grid):
             self.watch(stats, Watched(grid_pass.kind, k, grid_pass.lloyd_step, index))
             if grid_pass.kind is ResultKind.EPOCHS and self.plan.lloyd_steps == 0:
                 self.watch(stats, Watched(ResultKind.EVAL_TRAIN, k, 0, index))  # no Lloyd step: the evaluation
             if grid_pass.with_sums:
+                step = grid_pass.lloyd_step
                 self.centers[k] = self.submit(
-                    lloyd_step, index, center_sets, stats, watch=Watched(ResultKind.LLOYD, k, grid_pass.lloyd_step)
+                    lloyd_step,
+                    index,
+                    center_sets,
+                    stats,
+                    watch=Watched(ResultKind.LLOYD, k, step),
+                    key=(f"lloyd_k{k}", f"s{step}"),
                 )
 
     def test_pass(self) -> None:
         """Every K's final centers over the test split, in one pass."""
-        stats = self.stats_pass("test", [self.centers[k] for k in self.passes], False)
+        stats = self.stats_pass("stats_test", "test", [self.centers[k] for k in self.passes], False)
         for index, k in enumerate(self.passes):
             self.watch(stats, Watched(ResultKind.EVAL_TEST, k, index=index))
             if isinstance(self.centers[k], Future):
                 self.watch(self.centers[k], Watched(ResultKind.FINAL, k))
             else:  # resumed after its last Lloyd step
                 self.records[k].centers = self.centers[k]
+
+    def selection_pass(self) -> None:
+        """The label-free indices of every K's final centers (kselect.py): one pass over the training split that
+        reads the labels the evaluation's chunks kept, then one task that scores every K."""
+        assert self.evaluation is not None
+        parts, stats = self.evaluation
+        means = self.submit(cluster_means, stats, key=("select_means",))
+        chunk_rows = self.info.chunk_rows
+        tasks = [
+            self.submit(
+                selection_chunk_task,
+                part,
+                means,
+                self.info,
+                chunk,
+                rows_in_chunk(self.selection_rows, chunk, chunk_rows),
+                key=("select_pass", f"c{chunk}"),
+            )
+            for chunk, part in enumerate(parts)
+        ]
+        selection = tree_reduce(self.client, tasks, group="select_pass_sum")
+        scores = self.submit(selection_scores, stats, selection, self.selection_sample(), key=("select_scores",))
+        for index, k in enumerate(self.passes):
+            self.watch(scores, Watched(ResultKind.SELECTION, k, index=index))
+        self.evaluation = None  # the chunks' labels are released once the selection pass has run
 
     # --- collecting ----------------------------------------------------------------------------------------------
 
@@ -537,14 +695,19 @@ class _Scheduler:
 
     def on_save(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         self.ckpt.save_epoch(
-            result.part(watched.index), self.plan.epochs, self.plan.lloyd_steps, screen_inertia=record.screen_inertia()
+            result.part(watched.index),
+            self.plan.epochs,
+            self.plan.lloyd_steps,
+            screen_inertia=record.screen_inertia(),
+            screen_agreement=record.restart_agreement,
         )
 
     def on_screen(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         record.restart_inertia = {r: stats.inertia for r, stats in enumerate(result.part(watched.index))}
 
     def on_select(self, record: _KRecord, watched: Watched, result: _Result) -> None:
-        record.chosen = int(result.part(watched.index))
+        screening: Screening = result.part(watched.index)
+        record.chosen, record.restart_agreement = screening.index, list(screening.agreement)
 
     def on_epochs(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         record.epoch_inertia = [float(v) for v in result.part(watched.index).ssd]
@@ -576,6 +739,9 @@ class _Scheduler:
 
     def on_final(self, record: _KRecord, watched: Watched, result: _Result) -> None:
         record.centers = result.part(watched.index)
+
+    def on_selection(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        record.selection = result.part(watched.index)
 
 
 def run_chains(

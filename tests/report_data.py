@@ -10,6 +10,7 @@ contract that the report reads: ``metrics.json``, ``label_maps.json``, ``evaluat
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import platform
 import time
@@ -26,7 +27,10 @@ from sklearn.cluster import MiniBatchKMeans
 from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
+from mnist_kmeans.kselect import inertia_knee, k_selection
+
 N_TRAIN = 1500  # of the 1797 digits; the rest is the test split
+SELECTION_ROWS = 500  # rows of the silhouette sample
 BATCH_SIZE = 100
 
 
@@ -39,17 +43,34 @@ def _inertia_and_assign(x: np.ndarray, centroids: np.ndarray) -> tuple[float, np
     return float(np.maximum(d[np.arange(len(x)), assign], 0.0).sum()), assign
 
 
-def _fit(x: np.ndarray, k: int, epochs: int, n_init: int, seed: int) -> tuple[list[np.ndarray], list[float]]:
-    """Best of ``n_init`` seeded partial_fit chains: its centroids and training inertia after each epoch."""
+def _fit(
+    x: np.ndarray, k: int, epochs: int, n_init: int, seed: int
+) -> tuple[list[np.ndarray], list[float], list[float]]:
+    """Best of ``n_init`` seeded partial_fit chains: its centroids and training inertia after each epoch, and the
+    ARI between every two restarts' assignments after their first epoch (their agreement, as kselect.py has it)."""
     best: tuple[list[np.ndarray], list[float]] | None = None
+    first_epoch: list[np.ndarray] = []
     # One thread: on 100-row batches, OpenMP start-up per call costs ~30x the arithmetic.
     with threadpool_limits(1):
         for restart in range(n_init):
             chain = _chain(x, k, epochs, seed, restart)
+            first_epoch.append(_inertia_and_assign(x, chain[0][0])[1])
             if best is None or chain[1][-1] < best[1][-1]:
                 best = chain
     assert best is not None
-    return best
+    agreement = [float(skm.adjusted_rand_score(a, b)) for a, b in itertools.combinations(first_epoch, 2)]
+    return *best, agreement
+
+
+def _label_free(x: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+    """The label-free indices of metrics.json, by scikit-learn, the silhouette on a seeded sample."""
+    x64 = x.astype(np.float64)
+    rows = np.random.default_rng(seed).choice(len(x), size=min(SELECTION_ROWS, len(x)), replace=False)
+    return {
+        "calinski_harabasz": float(skm.calinski_harabasz_score(x64, labels)),
+        "davies_bouldin": float(skm.davies_bouldin_score(x64, labels)),
+        "silhouette_sample": float(skm.silhouette_score(x64[rows], labels[rows])),
+    }
 
 
 def _chain(x: np.ndarray, k: int, epochs: int, seed: int, restart: int) -> tuple[list[np.ndarray], list[float]]:
@@ -118,7 +139,7 @@ def make_run_dir(
     fit_start = time.perf_counter()
     for k in ks:
         t_k = time.perf_counter()
-        snaps, curve = _fit(x_train, k, epochs, n_init, seed)
+        snaps, curve, agreement = _fit(x_train, k, epochs, n_init, seed)
         fit_seconds = time.perf_counter() - t_k
         final = snaps[-1]
         inertia, a_train = _inertia_and_assign(x_train, final)
@@ -147,6 +168,9 @@ def make_run_dir(
                 "fit_seconds": round(fit_seconds, 4),
                 "inertia_per_epoch": curve,
                 "n_init": n_init,
+                **_label_free(x_train, a_train, seed),
+                "restart_ari_mean": float(np.mean(agreement)) if agreement else None,
+                "restart_ari_min": min(agreement) if agreement else None,
             }
         )
         label_maps[str(k)] = lmap
@@ -155,6 +179,8 @@ def make_run_dir(
     fit_s = time.perf_counter() - fit_start
     best = max(results, key=lambda r: (r["accuracy_test"], -r["k"]))
     best_k = int(best["k"])
+    knee = inertia_knee([r["k"] for r in results], [r["inertia"] for r in results])
+    selection = k_selection(results, knee, min(SELECTION_ROWS, len(y_train)))
 
     root = zarr.open_group(str(run / "centroids.zarr"), mode="w", zarr_format=3)
     root.attrs["image_shape"] = [h, w]
@@ -195,6 +221,7 @@ def make_run_dir(
         "started_utc": started,
         "finished_utc": started,
         "best_k": best_k,
+        "k_selection": selection,
         "dataset": {
             "store": store,
             "n_train": int(len(y_train)),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_kmeans.checkpoint import Checkpoint
+from mnist_kmeans.checkpoint import Checkpoint, CheckpointLayout
 from mnist_kmeans.fit import ChainState, FitParams, fit_chunk
 from tests.helpers import assert_states_equal, first_state
 
@@ -116,3 +116,19 @@ def test_a_chain_made_in_part_counts_as_nothing_saved(tmp_path: Path) -> None:
     ckpt.save_epoch(state, 2, 1)
     again = Checkpoint.open(tmp_path / "centroids.zarr")
     assert again.progress(3, 0) == (1, 0) and again.load_state(3, 0).n_steps == 5
+
+
+@pytest.mark.parametrize("damage", ["0.9", [0.9, "x"], [float("nan")]])
+def test_the_restarts_agreement_is_kept_and_checked(tmp_path: Path, damage: object) -> None:
+    """``screen_agreement`` (kselect.py) is saved with the winning chain and read back as saved; a value that is not a
+    list of finite numbers is a damaged checkpoint (UserError), never a number passed on to metrics.json."""
+    from mnist_kmeans.errors import UserError
+
+    path = tmp_path / "centroids.zarr"
+    ckpt = Checkpoint.create(path, (10, 10))
+    state = ChainState(3, 1, 1, 0, np.ones((3, 100), np.float32), np.ones(3, np.float32), 2, 5)
+    ckpt.save_epoch(state, 2, 1, screen_inertia=[5.0, 4.0, 6.0], screen_agreement=[0.5, 0.25, 1.0])
+    assert Checkpoint.open(path).chain_attrs(3, 1)["screen_agreement"] == [0.5, 0.25, 1.0]
+    ckpt.group["chains/k3/r1"].update_attributes({"screen_agreement": damage})
+    with pytest.raises(UserError, match="screen_agreement"):
+        Checkpoint.open(path, CheckpointLayout((10, 10), {3: 3}, 2, 1))

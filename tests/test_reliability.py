@@ -259,12 +259,14 @@ class ClientKilled:
 
 
 def fitted_chains(key: str) -> list[str]:
-    """The chains a task of this key advanced by one chunk: one for a ``fit_chunk`` task (a restart's screening), each
-    K a ``fit_lane`` task names (schedule.py: ``fit_lane-k4-k8-<uuid>``); none for any other task."""
-    if key.startswith("fit_chunk-"):
+    """The chains a task of this key advanced by one chunk (docs/contract.md, "Task keys"): one for a restart's
+    screening task (``screen_k4-r1-e1-c0-<uuid>``), each K a lane's task names (``fit_k4_k8-e2-c1-<uuid>``: K=4
+    and K=8); none for any other task."""
+    group = key.split("-")[0]
+    if group.startswith("screen_k"):
         return [key]
-    if key.startswith("fit_lane-"):
-        return [part for part in key.split("-")[1:] if part[:1] == "k" and part[1:].isdigit()]
+    if group.startswith("fit_k"):
+        return group.removeprefix("fit_").split("_")
     return []
 
 

@@ -32,6 +32,7 @@ EXPECTED_FIGURES = {
     "centroids_k16",
     "misclassified",
     "inertia_per_epoch",
+    "selection_vs_k",
 }  # + confusion_test_k{best}
 CHROMIUM = os.environ.get("MNIST_KMEANS_CHROMIUM", "/usr/bin/chromium")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -167,6 +168,27 @@ def test_report_holds_every_part(rendered: tuple[Path, str, _Page]) -> None:
     assert figure_ids == {f"fig-{n}" for n in EXPECTED_FIGURES | {f"confusion_test_k{metrics['best_k']}"}}
     assert html.count("<figcaption>") == len(figure_ids)
     assert "Inferred label" in text and "rise with K by construction" in text
+    # choosing K without labels: the headline, each criterion's choice, the words, the per-K table
+    sel = metrics["k_selection"]
+    assert f"Without labels: K {sel['recommended']}" in text
+    names = {
+        "calinski_harabasz": "Calinski–Harabasz",
+        "davies_bouldin": "Davies–Bouldin",
+        "silhouette_sample": "The sampled silhouette",
+        "inertia_knee": "The knee of inertia",
+    }
+    choosing = page.rows["choosing"]
+    for key, name in names.items():
+        assert [name, f"K={sel[key]}" if sel[key] is not None else "no K"] in choosing
+    agree = len({sel[key] for key in names}) == 1
+    assert ("All four criteria agree" in text) == agree and ("The criteria disagree" in text) == (not agree)
+    assert f"Recommended without labels: K={sel['recommended']}" in text
+    per_k = [r for r in choosing if r and r[0].split()[0].isdigit()]
+    assert [int(r[0].split()[0]) for r in per_k] == list(KS)
+    for r, res in zip(per_k, metrics["results"], strict=True):
+        assert f"{res['davies_bouldin']:.4f}" in r and f"{res['silhouette_sample']:.4f}" in r
+        assert f"{res['restart_ari_mean']:.3f}" in r and f"{res['restart_ari_min']:.3f}" in r
+        assert ("label-free" in r[0]) == (res["k"] == sel["recommended"])
     # run facts
     assert ("a", {"href": "dask-performance.html"}) in page.tags
     manifest = json.loads((run / "manifest.json").read_text())
@@ -206,10 +228,10 @@ def test_optional_parts_missing_still_render(rendered: tuple[Path, str, _Page], 
     for name in ("manifest.json", "job.yaml", "dask-performance.html"):
         (run / name).unlink()
     metrics = _metrics(run)
-    for key in ("timings", "cluster", "dataset", "started_utc", "inertia_per_epoch_note"):
+    for key in ("timings", "cluster", "dataset", "started_utc", "inertia_per_epoch_note", "k_selection"):
         del metrics[key]
     for entry in metrics["results"]:
-        for key in ("completeness", "v_measure", "fit_seconds", "inertia_per_epoch"):
+        for key in ("completeness", "v_measure", "fit_seconds", "inertia_per_epoch", "calinski_harabasz"):
             del entry[key]
     (run / "metrics.json").write_text(json.dumps(metrics))
     page = _parse(render_report(run).read_text(encoding="utf-8"))
@@ -218,6 +240,8 @@ def test_optional_parts_missing_still_render(rendered: tuple[Path, str, _Page], 
     for name in ("manifest.json", "job.yaml", "dask-performance.html"):
         assert f"{name} is missing" in text
     assert "no 'inertia_per_epoch'" in text
+    # a run made before the label-free criteria: no "Choosing K" section, no headline card, and the page says why
+    assert "choosing" not in page.rows and "Without labels" not in text and "holds no 'k_selection'" in text
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -291,6 +315,9 @@ def test_every_figure_is_a_png() -> None:
         figures.misclassified_gallery(digits[:0], [], []),
         figures.misclassified_gallery(digits, [1] * 9, [2] * 8 + [None]),
         figures.inertia_per_epoch({10: [3.0, 2.0], 16: [2.5]}),
+        figures.selection_vs_k(
+            [4, 8, 16], {"a knee": [3.0, 2.0, 1.9], "b": [0.2, None, 0.1]}, {"a knee": None, "b": 4}
+        ),
     ]
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
 

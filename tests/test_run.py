@@ -58,8 +58,22 @@ CONTRACT_RESULT_KEYS = {
     "n_empty_clusters",
     "epochs",
     "fit_seconds",
+    "calinski_harabasz",
+    "davies_bouldin",
+    "silhouette_sample",
+    "restart_ari_mean",
+    "restart_ari_min",
 }
 CONTRACT_FLOAT_KEYS = sorted(CONTRACT_RESULT_KEYS - {"k", "n_empty_clusters", "epochs"})
+CONTRACT_K_SELECTION = {
+    "calinski_harabasz",
+    "davies_bouldin",
+    "silhouette_sample",
+    "inertia_knee",
+    "recommended",
+    "agree",
+    "silhouette_sample_rows",
+}
 CONTRACT_TIMINGS = {"cluster_start_s", "ingest_s", "fit_s", "evaluate_s", "report_s", "total_s"}
 CONTRACT_CLUSTER = {"scheduler", "n_workers", "threads", "dashboard"}
 RUN_TIMEOUT = 240
@@ -233,6 +247,10 @@ def test_metrics_json_schema_and_values(local_run: Run, setup: Setup) -> None:
         for key in ("homogeneity", "completeness", "v_measure", "nmi", "accuracy_train", "accuracy_test"):
             assert -1e-9 <= row[key] <= 1 + 1e-9, key  # (sklearn's entropies can round to 1 + 1e-16)
         assert -1 <= row["ari"] <= 1 + 1e-9 and row["inertia"] > 0 and row["fit_seconds"] >= 0
+        assert row["calinski_harabasz"] > 0 and row["davies_bouldin"] > 0 and -1 <= row["silhouette_sample"] <= 1
+    selection = metrics["k_selection"]
+    assert set(selection) == CONTRACT_K_SELECTION
+    assert selection["recommended"] in K_GRID and selection["silhouette_sample_rows"] == 2000
     assert set(metrics["timings"]) >= CONTRACT_TIMINGS
     assert all(isinstance(v, (int, float)) and v >= 0 for v in metrics["timings"].values())
     assert metrics["timings"]["total_s"] >= metrics["timings"]["fit_s"]

@@ -15,7 +15,7 @@ from mnist_kmeans.report.formatting import MISSING, flatten, fmt_big, fmt_int, f
 from mnist_kmeans.report.gallery import ReportFigure
 from mnist_kmeans.report.identity import AUGMENTED_MNIST, MNIST, OTHER
 from mnist_kmeans.report.rundir import RunData
-from mnist_kmeans.report.values import is_num
+from mnist_kmeans.report.values import is_int, is_num
 
 
 def _metric_row(result: Mapping[str, Any], best_k: int) -> dict[str, Any]:
@@ -52,6 +52,79 @@ def _best_scores(run: RunData) -> dict[str, str]:
         "accuracy_train": fmt_pct(best["accuracy_train"]),
         "ari": fmt_num(best["ari"], 3),
         "nmi": fmt_num(best["nmi"], 3),
+    }
+
+
+# ------------------------------------------------------------------------------------------ choosing K
+
+# The label-free criteria as the page names them, by their key in metrics.json's k_selection (docs/contract.md).
+CRITERION_NAMES = {
+    "calinski_harabasz": "Calinski–Harabasz",
+    "davies_bouldin": "Davies–Bouldin",
+    "silhouette_sample": "the sampled silhouette",
+    "inertia_knee": "the knee of inertia",
+}
+
+
+def _agreement_text(choices: Mapping[str, int | None]) -> list[str]:
+    """Sentences saying which criteria choose which K, and which choose none."""
+    by_k: dict[int, list[str]] = {}
+    for key, k in choices.items():
+        if k is not None:
+            by_k.setdefault(k, []).append(CRITERION_NAMES[key])
+    none = [CRITERION_NAMES[key] for key, k in choices.items() if k is None]
+    if len(by_k) == 1 and not none:
+        return [f"All four criteria agree: K={next(iter(by_k))}."]
+    lines = [
+        f"{_and(names)} {'chooses' if len(names) == 1 else 'choose'} K={k}."
+        for k, names in sorted(by_k.items(), key=lambda item: (-len(item[1]), item[0]))
+    ]
+    if none:
+        lines.append(f"{_and(none)} {'finds' if len(none) == 1 else 'find'} no K (no knee, or undefined).")
+    if len(by_k) > 1:
+        lines[0] = "The criteria disagree. " + lines[0]
+    return lines
+
+
+def _and(names: Sequence[str]) -> str:
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return text[0].upper() + text[1:]
+
+
+def _stability_row(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "k": result["k"],
+        "calinski_harabasz": fmt_big(result.get("calinski_harabasz")),
+        "davies_bouldin": fmt_num(result.get("davies_bouldin")),
+        "silhouette_sample": fmt_num(result.get("silhouette_sample")),
+        "n_init": fmt_int(result.get("n_init")),
+        "restart_ari_mean": fmt_num(result.get("restart_ari_mean"), 3),
+        "restart_ari_min": fmt_num(result.get("restart_ari_min"), 3),
+    }
+
+
+def _k_of(value: Any, ks: set[int]) -> int | None:
+    """``value`` if it is one of the run's K, else None (metrics.json may come from anyone)."""
+    return value if is_int(value) and value in ks else None
+
+
+def _choosing_k(run: RunData) -> dict[str, Any] | None:
+    """The "Choosing K" section: each label-free criterion's K, in words where they agree and where not, the
+    recommendation beside the label-based best K, and per K the indices and how far the restarts agree; None for a
+    run made before these (no ``k_selection`` in metrics.json)."""
+    selection = run.metrics.get("k_selection")
+    if not isinstance(selection, dict):
+        return None
+    ks = {r["k"] for r in run.results}
+    choices = {key: _k_of(selection.get(key), ks) for key in CRITERION_NAMES}
+    recommended = _k_of(selection.get("recommended"), ks)
+    return {
+        "recommended": recommended,
+        "criteria": [(_and([CRITERION_NAMES[key]]), k) for key, k in choices.items()],
+        "agreement": _agreement_text(choices),
+        "matches_best": recommended == run.best_k,
+        "sample_rows": fmt_int(selection.get("silhouette_sample_rows")),
+        "rows": [_stability_row(r) for r in run.results],
     }
 
 
@@ -208,8 +281,10 @@ def build_context(
         "cluster": _cluster_facts(metrics.get("cluster", {})),
         "dataset": _dataset_facts(run, manifest),
         "rows": [_metric_row(r, run.best_k) for r in run.results],
+        "choosing_k": _choosing_k(run),
+        "selection_figure": next((f for f in figs if f.name == "selection_vs_k"), None),
         "seed": _comparison(run, seed_table),
-        "figures": figs,
+        "figures": [f for f in figs if f.name != "selection_vs_k"],  # that one is shown in "Choosing K"
         "figure_notes": [*fig_notes, *([run.centroid_note] if run.centroid_note else [])],
         "timings": timing_rows,
         "versions": [(str(k), fmt_value(v)) for k, v in _object(manifest, "versions").items()],

@@ -291,6 +291,37 @@ def _agreement_panel(ax, ks: Sequence[int], ari: Sequence[float], nmi: Sequence[
     ax.legend(frameon=False, fontsize=9, loc="best")
 
 
+def selection_vs_k(
+    ks: Sequence[int],
+    curves: Mapping[str, Sequence[float | None]],
+    chosen: Mapping[str, int | None],
+    *,
+    dpi: int = DPI,
+) -> bytes:
+    """(h) The label-free criteria against K, one panel each (inertia, Calinski-Harabasz, Davies-Bouldin, silhouette
+    on a sample), the K each chooses ringed (the knee, for inertia).
+
+    ``curves``: {panel title: one value per K, None where undefined}; ``chosen``: {panel title: K or None}.
+    """
+    fig = _figure(11.0, 6.4, dpi)
+    axes = fig.subplots(2, 2).ravel()
+    colors = (BLUE, GREEN, ORANGE, PURPLE)
+    for ax, color, (title, values) in zip(axes, colors, curves.items(), strict=False):
+        _style(ax)
+        ys = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        ax.plot(ks, ys, marker="o", color=color, linewidth=2)
+        k = chosen.get(title)
+        if k is not None and k in ks:
+            ax.plot([k], [ys[list(ks).index(k)]], marker="o", markersize=14, markerfacecolor="none", color=RED)
+            _panel_note(ax, f"chooses K={k}")
+        else:
+            _panel_note(ax, "no knee" if "knee" in title else "chooses no K")
+        _k_axis(ax, ks)
+        ax.set_title(title, loc="left", fontsize=12, color=INK, pad=16)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def centroid_grid(
     centroids: np.ndarray,
     labels: Sequence[int | None],

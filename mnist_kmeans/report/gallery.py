@@ -22,7 +22,7 @@ from mnist_kmeans.report import figures
 from mnist_kmeans.report.formatting import fmt_pct
 from mnist_kmeans.report.identity import DataIdentity
 from mnist_kmeans.report.rundir import RunData
-from mnist_kmeans.report.values import is_int
+from mnist_kmeans.report.values import is_int, is_num
 
 Draw = Callable[..., Any]
 """``draw(fn, *args, **kwargs)``: what stands in for the call ``fn(*args, **kwargs)`` of a figure function."""
@@ -141,6 +141,38 @@ def _scores_vs_k(run: RunData, seed: SeedRows | None, draw: Draw) -> ReportFigur
             _column(run, "k"),
             *scores,
             seed={k: (r["homogeneity"], r["accuracy_train"]) for k, r in seed.items()} if seed is not None else None,
+        ),
+    )
+
+
+# The panels of the "Choosing K" figure: each criterion's key in metrics.json and its k_selection key.
+SELECTION_PANELS = {
+    "Inertia (knee)": ("inertia", "inertia_knee"),
+    "Calinski–Harabasz (higher is better)": ("calinski_harabasz", "calinski_harabasz"),
+    "Davies–Bouldin (lower is better)": ("davies_bouldin", "davies_bouldin"),
+    "Silhouette on a sample (higher is better)": ("silhouette_sample", "silhouette_sample"),
+}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if is_num(value) else None
+
+
+def _selection_vs_k(run: RunData, draw: Draw) -> ReportFigure | str:
+    selection = run.metrics.get("k_selection")
+    if not isinstance(selection, dict):
+        return "metrics.json holds no 'k_selection' (a run made before the label-free criteria): no “Choosing K”."
+    return ReportFigure(
+        "selection_vs_k",
+        "Label-free criteria against K",
+        "Each criterion of the “Choosing K” section against K, computed without the labels; the K it chooses ringed "
+        "in red (for inertia, the knee of the curve).",
+        "Four line charts against K: inertia, Calinski–Harabasz, Davies–Bouldin and the sampled silhouette.",
+        draw(
+            figures.selection_vs_k,
+            _column(run, "k"),
+            {title: [_number(r.get(key)) for r in run.results] for title, (key, _) in SELECTION_PANELS.items()},
+            {title: selection.get(choice) for title, (_, choice) in SELECTION_PANELS.items()},
         ),
     )
 
@@ -268,6 +300,7 @@ def build_figures(
         _training_digits(run, draw),
         _inertia_vs_k(run, seed, draw),
         _scores_vs_k(run, seed, draw),
+        _selection_vs_k(run, draw),
         *_centroid_grids(run, draw),
         _confusion(run, draw),
         _misclassified(run, draw),
