@@ -108,8 +108,8 @@ def chunk_stats(
         assigned_sets += _assign_many(x, group, x_sq)
         first += size
     assigned = iter(assigned_sets)
-    # float64 sums in the evaluation: the means of kselect.py, compared with scikit-learn's to 1e-6
-    rows = x.astype(np.float64) if evaluation else x
+    # The evaluation's sums are the means of kselect.py, compared with scikit-learn's float64 ones to 1e-6.
+    rows = _ExactRows.of(x) if evaluation else x
     out = []
     for centers, hist, want_sums in zip(center_sets, histories, sums, strict=True):
         ssd = [float(next(assigned)[1].sum(dtype=np.float64)) for _ in hist]
@@ -120,23 +120,51 @@ def chunk_stats(
     return out
 
 
+@dataclass(frozen=True)
+class _ExactRows:
+    """Rows whose per-center sums are wanted exact (float64 means), at the cost of float32 sums.
+
+    The store's rows are bytes / 255 (store.load_chunk): the sums of the bytes themselves are integers, exact in
+    float32 while below 2**24 (65,793 rows of 255), so ``sums / 255`` is as exact as a float64 sum of the rows and
+    costs a float32 sparse product. Other rows (tests' floats, very long chunks) are summed in float64.
+    """
+
+    values: np.ndarray  # the bytes as float32 integers, or the rows in float64
+    scale: float  # sums of ``values`` / scale = sums of the rows
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> _ExactRows:
+        pixels = np.rint(x * np.float32(255))
+        if len(x) * 255 < 2**24 and np.array_equal(np.divide(pixels, np.float32(255), dtype=np.float32), x):
+            return cls(pixels, 255.0)
+        return cls(x.astype(np.float64), 1.0)
+
+
 def _tables(x, y, labels, k: int, n_classes: int, ssd: list[float], with_sums: bool) -> PassStats:
+    """``x``: float32 rows (a Lloyd step's sums), or :class:`_ExactRows` (the evaluation's)."""
     counts = np.bincount(labels, minlength=k).astype(np.int64)
     contingency = np.bincount(labels * n_classes + y, minlength=k * n_classes).reshape(k, n_classes).astype(np.int64)
     sums = None
     if with_sums:
-        # A sparse one-hot (K x n) product: one add per pixel whatever K is, where a dense one-hot GEMM costs as much
-        # as the distances and np.add.at/reduceat are 5-10x slower. Built column-wise (CSC: row i's one entry in
-        # column i), so the product reads x in order: 2.9 ms for 10,000 float32 MNIST rows against 6.7 ms for the
-        # row-wise (CSR) product, with the same bits (each center's rows are added in row order either way). A
-        # chunk's sums are exact enough in float32 for a Lloyd step (at most chunk_rows values in [0, 1]); chunks are
-        # summed in float64. The evaluation passes float64 rows.
-        import scipy.sparse
-
-        n = len(labels)
-        onehot = scipy.sparse.csc_matrix((np.ones(n, dtype=x.dtype), labels, np.arange(n + 1)), shape=(k, n))
-        sums = np.asarray(onehot @ x, dtype=np.float64)
+        values, scale = (x.values, x.scale) if isinstance(x, _ExactRows) else (x, 1.0)
+        sums = _onehot_sums(values, labels, k)
+        if scale != 1.0:
+            sums /= scale
     return PassStats(np.asarray(ssd, dtype=np.float64), counts, contingency, sums)
+
+
+def _onehot_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-center sums of the rows of ``x`` as float64, from a sparse one-hot (K x n) product: one add per pixel
+    whatever K is, where a dense one-hot GEMM costs as much as the distances and np.add.at/reduceat are 5-10x slower.
+    Built column-wise (CSC: row i's one entry in column i), so the product reads x in order: 2.9 ms for 10,000 MNIST
+    rows against 6.7 ms for the row-wise (CSR) product, with the same bits (each center's rows are added in row order
+    either way). Float32 sums of a chunk (at most chunk_rows values in [0, 1]) are exact enough for a Lloyd step;
+    chunks are summed in float64."""
+    import scipy.sparse
+
+    n = len(labels)
+    onehot = scipy.sparse.csc_matrix((np.ones(n, dtype=x.dtype), labels, np.arange(n + 1)), shape=(k, n))
+    return np.asarray(onehot @ x, dtype=np.float64)
 
 
 def chunk_stats_task(

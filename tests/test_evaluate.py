@@ -335,3 +335,22 @@ def test_scores_never_exceed_one() -> None:
     scores = cluster_metrics(contingency)
     assert scores["completeness"] == 1.0 and scores["v_measure"] == 1.0
     assert all(value <= 1.0 for value in scores.values())
+
+
+def test_evaluation_sums_are_exact_for_stored_bytes_and_float64_otherwise() -> None:
+    """The evaluation's per-center sums (kselect.py's means): from the bytes themselves when the rows are bytes / 255
+    (the integer sums are exact), else a float64 sum of the rows."""
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, size=(3000, 16), dtype=np.uint8)
+    raw[:, 0] = 255  # columns whose float32 sums of x / 255 round
+    x = np.divide(raw, np.float32(255), dtype=np.float32)
+    centers = x[:5].copy()
+    (stats,) = chunk_stats(x, np.zeros(len(x), dtype=np.int64), [centers], 1, evaluation=True)
+    exact = np.zeros((5, 16))
+    np.add.at(exact, stats.labels, raw.astype(np.float64))
+    assert np.array_equal(stats.sums, exact / 255)
+    floats = rng.random((3000, 16)).astype(np.float32)  # not bytes / 255: summed in float64
+    (stats,) = chunk_stats(floats, np.zeros(len(x), dtype=np.int64), [centers], 1, evaluation=True)
+    ref = np.zeros((5, 16))
+    np.add.at(ref, stats.labels, floats.astype(np.float64))
+    assert np.allclose(stats.sums, ref, rtol=1e-12, atol=0)
