@@ -121,12 +121,17 @@ def selection_chunk_task(
 
 def _dot_with_means(x: np.ndarray, means: np.ndarray, labels: np.ndarray, block: int = 256) -> np.ndarray:
     """Each row's dot product with its cluster's mean, ``block`` rows at a time. ||x||² - 2x·m + ||m||² is within
-    1e-12 of ||x - m||² in float64 and avoids a chunk-sized x - m per K; blocks keep the gathered means in cache:
-    together 10x faster on a 10,000-row MNIST chunk (12 ms per K here)."""
+    1e-12 of ||x - m||² in float64 and avoids a chunk-sized x - m per K; blocks keep the gathered means in cache.
+    The means are gathered into one buffer (``take`` with ``out``; ``mode="clip"`` because the default buffers it
+    again): on a Dask worker, whose nanny sets ``MALLOC_TRIM_THRESHOLD_``, every new 1.6 MB block is mapped and
+    faulted in afresh, which made this 7x slower there than in a plain process."""
     out = np.empty(len(x))
+    gathered = np.empty((min(block, len(x)), x.shape[1]))
     for start in range(0, len(x), block):
-        rows = slice(start, start + block)
-        out[rows] = np.einsum("ij,ij->i", x[rows], means[labels[rows]])
+        rows = labels[start : start + block]
+        buffer = gathered[: len(rows)]
+        np.take(means, rows, axis=0, out=buffer, mode="clip")
+        out[start : start + len(rows)] = np.einsum("ij,ij->i", x[start : start + len(rows)], buffer)
     return out
 
 
