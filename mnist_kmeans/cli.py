@@ -29,6 +29,18 @@ def _scheduler_option(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _job_arguments(parser: argparse.ArgumentParser, resume: str) -> None:
+    """The arguments ``run`` and ``submit`` share: a job and where it runs, reads and writes."""
+    parser.add_argument("job", help="job file (jobs/*.yaml)")
+    parser.add_argument("--cluster", default=None, help="cluster file (default: ./cluster.yaml if present)")
+    parser.add_argument(
+        "--scheduler", default=None, type=_scheduler_option, help="scheduler address; overrides the cluster file"
+    )
+    parser.add_argument("--store", default=None, help="store path or URL; overrides the job file")
+    parser.add_argument("--out", default=None, help="run directory (default runs/<job-name>-<UTC timestamp>)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help=resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mnist-kmeans", description="Mini-batch k-means over a K grid on a Dask cluster.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -45,24 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--cluster", default=None, help="cluster file: its storage: section (default ./cluster.yaml)")
 
     run = sub.add_parser("run", help="the distributed K-grid job, then the report")
-    run.add_argument("job", help="job file (jobs/*.yaml)")
-    run.add_argument("--cluster", default=None, help="cluster file (default: ./cluster.yaml if present)")
-    run.add_argument(
-        "--scheduler", default=None, type=_scheduler_option, help="scheduler address; overrides the cluster file"
-    )
-    run.add_argument("--store", default=None, help="store path or URL; overrides the job file")
-    run.add_argument("--out", default=None, help="run directory (default runs/<job-name>-<UTC timestamp>)")
-    run.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
-
+    _job_arguments(run, resume="continue an interrupted run")
     submit = sub.add_parser("submit", help="run a job on a running cluster without staying connected (then: wait)")
-    submit.add_argument("job", help="job file (jobs/*.yaml)")
-    submit.add_argument("--cluster", default=None, help="cluster file (default: ./cluster.yaml if present)")
-    submit.add_argument(
-        "--scheduler", default=None, type=_scheduler_option, help="scheduler address; overrides the cluster file"
-    )
-    submit.add_argument("--store", default=None, help="store path or URL; overrides the job file")
-    submit.add_argument("--out", default=None, help="run directory (default runs/<job-name>-<UTC timestamp>)")
-    submit.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted or cancelled run")
+    _job_arguments(submit, resume="continue an interrupted or cancelled run")
     for name, text in (
         ("status", "the state of a job, from its run directory alone"),
         ("wait", "block until a job is done; print its report's path (exit codes as run)"),
