@@ -4,7 +4,7 @@ The graph, in three phases::
 
     1. every K's start        restart r: init_chain ─▶ fit_chunk × S      S chunks: the first ``screen_rows`` rows
                               chunk_stats × n_chunks ─▶ tree of combine     every restart of every K, in one pass
-                              select_restart per K (lowest inertia)        only the best restart goes on
+                              screen_outcome per K (lowest inertia; how far restarts agree)   the best goes on
     2. every K's epochs       fit_lane × (epochs · n_chunks - S)          the chosen chains, a few K's per lane (fit.py)
     3. the grid's passes      [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update per K] × lloyd_steps
                               chunk_stats × n_chunks of train and of test ─▶ tree of combine    the evaluation
