@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from mnist_kmeans.fit import ChainState, FitParams, draw_sample, init_chain
 
@@ -507,3 +508,16 @@ class S3Server:
         import s3fs
 
         return s3fs.S3FileSystem(**self.options(), skip_instance_cache=True)
+
+
+def final_centroids(run_dir: Path, ks) -> dict[int, np.ndarray]:
+    """The final centroids of each K in ``ks`` from a run directory's ``centroids.zarr``."""
+    group = zarr.open_group(str(run_dir / "centroids.zarr"), mode="r", use_consolidated=False)
+    return {k: np.asarray(group[f"final/k{k}"][...]) for k in ks}
+
+
+def assert_same_centroids(got: dict[int, np.ndarray], want: dict[int, np.ndarray]) -> None:
+    """Bit-identical float32 centroids for every K of ``want``."""
+    for k in want:
+        assert got[k].dtype == np.float32 and got[k].shape == want[k].shape
+        assert np.array_equal(got[k], want[k]), f"K={k}: max difference {np.abs(got[k] - want[k]).max()}"

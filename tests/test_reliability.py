@@ -34,14 +34,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-import zarr
 
 from tests.helpers import (
     DaskCluster,
     IdxDataset,
     LiveRun,
+    assert_same_centroids,
     chain_progress,
     copy_store,
+    final_centroids,
     make_small_store,
     run_cli,
     tree_snapshot,
@@ -138,14 +139,7 @@ def new_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
 
 
 def finals(run_dir: Path) -> dict[int, np.ndarray]:
-    group = zarr.open_group(str(run_dir / "centroids.zarr"), mode="r", use_consolidated=False)
-    return {k: np.asarray(group[f"final/k{k}"][...]) for k in K_GRID}
-
-
-def assert_same_centroids(got: dict[int, np.ndarray], want: dict[int, np.ndarray]) -> None:
-    for k in K_GRID:
-        assert got[k].dtype == np.float32 and got[k].shape == want[k].shape
-        assert np.array_equal(got[k], want[k]), f"K={k}: max difference {np.abs(got[k] - want[k]).max()}"
+    return final_centroids(run_dir, K_GRID)
 
 
 def ok(rc: int, out: str, err: str) -> None:
