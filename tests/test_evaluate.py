@@ -295,13 +295,34 @@ def test_metrics_equal_sklearn_on_the_label_vectors(seed: int) -> None:
     }
     assert set(got) == set(want)
     for key, value in want.items():
-        assert got[key] == pytest.approx(value, abs=1e-9, rel=1e-9), key
+        assert got[key] == min(float(value), 1.0), key  # the same arithmetic: the same bits
 
     # the test split scored with the map of the training split: rows of a cluster unmapped in training are wrong
     y_test = rng.integers(0, n_classes, 500)
     p_test = rng.integers(0, k, 500)  # also uses clusters 4 and 9
     test_table = contingency_of(y_test, p_test, k, n_classes)
     assert accuracy(test_table, mapping) == pytest.approx(float(np.mean(lookup[p_test] == y_test)), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "n_classes", "seed"),
+    [(1, 3, 4, 0), (50, 1, 5, 1), (50, 6, 1, 2), (400, 30, 10, 3), (2, 2, 2, 4), (5000, 40, 3, 5)],
+)
+def test_metrics_from_the_table_are_sklearns_bits_in_corner_cases(n: int, k: int, n_classes: int, seed: int) -> None:
+    """One row, one cluster, one class, more clusters than rows can fill: cluster_metrics works from the table
+    alone and must give exactly what sklearn.metrics gives on the label vectors."""
+    rng = np.random.default_rng(seed)
+    y_true, y_pred = rng.integers(0, n_classes, n), rng.integers(0, k, n)
+    got = cluster_metrics(contingency_of(y_true, y_pred, k, n_classes))
+    h, c, v = skm.homogeneity_completeness_v_measure(y_true, y_pred)
+    want = {
+        "homogeneity": h,
+        "completeness": c,
+        "v_measure": v,
+        "ari": skm.adjusted_rand_score(y_true, y_pred),
+        "nmi": skm.normalized_mutual_info_score(y_true, y_pred),
+    }
+    assert got == {key: min(float(value), 1.0) for key, value in want.items()}
 
 
 def test_metrics_from_store_chunks_equal_sklearn(store_info) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from mnist_kmeans import allocator
 from mnist_kmeans.data.chunk_cache import CACHE
 from mnist_kmeans.data.classes import valid_class_names
 from mnist_kmeans.errors import UserError, one_line, shown
@@ -460,6 +461,7 @@ def load_chunk(info: StoreInfo, split: str, index: int) -> tuple[np.ndarray, np.
     :class:`StoreError` naming the store, split, chunk and rows. The returned arrays are shared with the cache:
     callers must not modify them.
     """
+    allocator.tune()  # every task that computes on rows comes here first (allocator.py: why)
     key = (info.url, info.ingest_id, split, index)
     cached = CACHE.get(key)
     if cached is not None:
