@@ -4,7 +4,9 @@ and how far the restarts of a K agree (docs/contract.md, "metrics.json"; README,
 The data flow, after the evaluation pass (schedule.py, phase 3)::
 
     evaluation pass (evaluate.chunk_stats, ``evaluation=True``): per K counts and float64 sums; each chunk's labels
-        stay on its worker, in that chunk's own PassStats
+        stay on its worker, taken out of that chunk's PassStats by :func:`kept_labels` (the smallest integer type), so
+        that the chunk's sums are released once the tree reduction has added them: held to the selection pass,
+        they grew with the rows (3.3 MB per chunk for the reference grid, 2.7 GB at 8.1 million rows)
     selection pass, one task per chunk for every K at once: each row's distance to its cluster's *mean*
         (selection_chunk_task) ─▶ tree of combine ─▶ SelectionStats per K
     selection_scores, one task: Calinski-Harabasz and Davies-Bouldin of every K from those sums; the silhouette on
@@ -94,17 +96,26 @@ def cluster_means(stats: list[PassStats]) -> list[np.ndarray]:
     return [st.sums / np.maximum(st.counts, 1)[:, None] for st in stats]
 
 
+def kept_labels(chunk_stats: list[PassStats]) -> list[np.ndarray]:
+    """One task: the labels one evaluation chunk task kept, for each center set, in the smallest unsigned type that
+    holds them (one byte a row up to K=256)."""
+    out = []
+    for stats in chunk_stats:
+        assert stats.labels is not None, "the evaluation pass keeps its labels"
+        out.append(stats.labels.astype(np.min_scalar_type(max(len(stats.counts) - 1, 0))))
+    return out
+
+
 def selection_chunk_task(
-    chunk_stats: list[PassStats], means: list[np.ndarray], info: StoreInfo, chunk: int, sample_at: np.ndarray
+    chunk_labels: list[np.ndarray], means: list[np.ndarray], info: StoreInfo, chunk: int, sample_at: np.ndarray
 ) -> list[SelectionStats]:
     """One task: :class:`SelectionStats` of every center set on one training chunk, from the labels its evaluation
-    task kept (``chunk_stats``) and the means of the whole split; ``sample_at``: the sample's positions in the chunk."""
+    task kept (:func:`kept_labels`) and the means of the whole split; ``sample_at``: the sample's positions in the
+    chunk."""
     x, _ = load_chunk(info, "train", chunk)
     x_sq = np.einsum("ij,ij->i", x, x).astype(np.float64)
     out = []
-    for stats, mean in zip(chunk_stats, means, strict=True):
-        labels = stats.labels
-        assert labels is not None, "the evaluation pass keeps its labels"
+    for labels, mean in zip(chunk_labels, means, strict=True):
         sq = x_sq - 2 * _dot_with_means(x, mean.astype(np.float32), labels) + np.einsum("ij,ij->i", mean, mean)[labels]
         np.maximum(sq, 0, out=sq)
         k = len(mean)

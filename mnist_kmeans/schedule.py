@@ -3,7 +3,7 @@
 The graph, in three phases::
 
     1. every K's start        restart r: init_chain ─▶ fit_chunk × S      S chunks: the first ``screen_rows`` rows
-                              chunk_stats × n_chunks ─▶ tree of combine     every restart of every K, in one pass
+                              chunk_stats × S held out ─▶ tree of combine   every restart of every K, in one pass
                               screen_outcome per K (lowest inertia; how far restarts agree)   the best goes on
     2. every K's epochs       fit_lane × (epochs · n_chunks - S)          the chosen chains, a few K's per lane (fit.py)
     3. the grid's passes      [chunk_stats × n_chunks ─▶ tree of combine ─▶ lloyd_update per K] × lloyd_steps
@@ -12,12 +12,13 @@ The graph, in three phases::
                                                                           the label-free indices (kselect.py)
 
 Restarts are screened as scikit-learn's ``MiniBatchKMeans`` screens its ``n_init`` initialisations: every restart
-runs only its first chunk(s), they are compared by their exact training inertia, and only the best runs its epochs
-and Lloyd steps. So restarts cost one chunk each whatever the size of the data set, and the K's with the most
-restarts (the small ones, where the local optimum found varies most) do not multiply the work of the rest. With
-one restart there is no screening. The screening also measures how far the restarts agree on the selection sample
-(:func:`screen_outcome`): the losing restarts' centers exist only then, so that agreement is saved with the
-winner's chain, like its inertia, and a resumed run reports the same numbers.
+runs only its first chunk(s), they are compared by their exact inertia on the next chunk(s) of the epoch, which none
+has fitted (a validation sample, as scikit-learn's), and only the best runs its epochs and Lloyd steps. So restarts
+cost two chunks each whatever the size of the data set, and the K's with the most restarts (the small ones, where the
+local optimum found varies most) do not multiply the work of the rest. With one restart there is no screening. The
+screening also measures how far the restarts agree on the selection sample (:func:`screen_outcome`): the losing
+restarts' centers exist only then, so that agreement is saved with the winner's chain, like its inertia, and a
+resumed run reports the same numbers.
 
 Every statistics pass serves the whole grid at once: each chunk task reads its rows once for every K that needs the
 pass, a sixth of the tasks of a pass per K. The restarts of a K share one GEMM (small-K products alone use a fraction
@@ -53,6 +54,7 @@ from mnist_kmeans.evaluate import PassStats, chunk_stats_task, combine, lloyd_up
 from mnist_kmeans.fit import ChainState, FitParams, draw_sample, fit_chunk, fit_lane, init_chain
 from mnist_kmeans.kselect import (
     cluster_means,
+    kept_labels,
     restart_agreement,
     rows_in_chunk,
     sample_rows,
@@ -372,10 +374,11 @@ class _Scheduler:
         histories: Sequence = (),
         gemm_groups: Sequence[int] = (),
         priority: int = 0,
+        chunks: Sequence[int] | None = None,
     ) -> Future:
-        """Statistics of each center set over a split, one task per chunk: a future of ``list[PassStats]``; the tasks'
-        keys are of ``group`` (e.g. ``stats_lloyd1``), their sums' of ``group_sum``."""
-        parts = self.chunk_stats(group, split, center_sets, with_sums, histories, gemm_groups, priority)
+        """Statistics of each center set over a split (or over its ``chunks``), one task per chunk: a future of
+        ``list[PassStats]``; the tasks' keys are of ``group`` (e.g. ``stats_lloyd1``), their sums' of ``group_sum``."""
+        parts = self.chunk_stats(group, split, center_sets, with_sums, histories, gemm_groups, priority, chunks=chunks)
         return tree_reduce(self.client, parts, priority=priority, group=f"{group}_sum")
 
     def chunk_stats(
@@ -388,6 +391,7 @@ class _Scheduler:
         gemm_groups: Sequence[int] = (),
         priority: int = 0,
         evaluation: bool = False,
+        chunks: Sequence[int] | None = None,
     ) -> list[Future]:
         """The chunk tasks of :meth:`stats_pass`: a future of ``list[PassStats]`` per chunk."""
         return [
@@ -404,7 +408,7 @@ class _Scheduler:
                 priority=priority,
                 key=(group, f"c{chunk}"),
             )
-            for chunk in range(self.info.n_chunks(split))
+            for chunk in (range(self.info.n_chunks(split)) if chunks is None else chunks)
         ]
 
     def screening_chunks(self, state: Any, k: int, restart: int) -> Future:
@@ -495,7 +499,8 @@ class _Scheduler:
         return [self.screening_chunks(chain, k, r) for r, chain in enumerate(inits)]
 
     def screen(self, screened: dict[int, list[Future]]) -> None:
-        """One pass measures every restart of every screened K; each K's best restart goes on from there."""
+        """One pass over the held-out chunks (``FitParams.screen_holdout``) measures every restart of every screened K;
+        each K's best restart goes on from there."""
         center_sets = [
             self.submit(centers_of, chain, priority=START_PRIORITY, key=(f"centers_k{k}", f"r{r}"))
             for k, chains in screened.items()
@@ -508,6 +513,7 @@ class _Scheduler:
             False,
             gemm_groups=[len(chains) for chains in screened.values()],
             priority=START_PRIORITY,
+            chunks=self.plan.params.screen_holdout(self.info),
         )
         first = 0
         for k, chains in screened.items():
@@ -610,8 +616,11 @@ class _Scheduler:
         group = _pass_group(grid)
         parts = self.chunk_stats(group, "train", center_sets, with_sums, histories, evaluation=evaluation)
         stats = tree_reduce(self.client, parts, group=f"{group}_sum")
-        if evaluation:
-            self.evaluation = parts, stats
+        if evaluation:  # only the labels are held to the selection pass; each chunk's sums go with the reduction
+            labels = [
+                self.submit(kept_labels, part, key=("eval_labels", f"c{chunk}")) for chunk, part in enumerate(parts)
+            ]
+            self.evaluation = labels, stats
         for index, (k, grid_pass) in enumerate(grid):
             self.watch(stats, Watched(grid_pass.kind, k, grid_pass.lloyd_step, index))
             if grid_pass.kind is ResultKind.EPOCHS and self.plan.lloyd_steps == 0:
@@ -641,20 +650,20 @@ class _Scheduler:
         """The label-free indices of every K's final centers (kselect.py): one pass over the training split that
         reads the labels the evaluation's chunks kept, then one task that scores every K."""
         assert self.evaluation is not None
-        parts, stats = self.evaluation
+        labels, stats = self.evaluation
         means = self.submit(cluster_means, stats, key=("select_means",))
         chunk_rows = self.info.chunk_rows
         tasks = [
             self.submit(
                 selection_chunk_task,
-                part,
+                chunk_labels,
                 means,
                 self.info,
                 chunk,
                 rows_in_chunk(self.selection_rows, chunk, chunk_rows),
                 key=("select_pass", f"c{chunk}"),
             )
-            for chunk, part in enumerate(parts)
+            for chunk, chunk_labels in enumerate(labels)
         ]
         selection = tree_reduce(self.client, tasks, group="select_pass_sum")
         scores = self.submit(selection_scores, stats, selection, self.selection_sample(), key=("select_scores",))

@@ -29,6 +29,7 @@ from mnist_kmeans.kselect import (
     davies_bouldin,
     inertia_knee,
     k_selection,
+    kept_labels,
     rows_in_chunk,
     sample_rows,
     selection_chunk_task,
@@ -150,7 +151,9 @@ def test_selection_task_on_store_chunks_keeps_the_sample_labels_in_row_order(sto
     rows = sample_rows(store_info.n_train, 3, n_rows=300)
     sel = combine(
         *[
-            selection_chunk_task(parts[c], means, store_info, c, rows_in_chunk(rows, c, store_info.chunk_rows))
+            selection_chunk_task(
+                kept_labels(parts[c]), means, store_info, c, rows_in_chunk(rows, c, store_info.chunk_rows)
+            )
             for c in range(n_chunks)
         ]
     )[0]

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import Client
+from dask.utils import key_split
+from distributed import Client, SchedulerPlugin
 
 from mnist_kmeans.checkpoint import Checkpoint
 from mnist_kmeans.cluster import connect, wait_closed
 from mnist_kmeans.config import ClusterConfig, LocalClusterConfig
 from mnist_kmeans.data.store import StoreInfo, load_chunk, open_store
 from mnist_kmeans.evaluate import chunk_stats
-from mnist_kmeans.fit import FitParams, draw_sample, fit_chunk, init_chain
+from mnist_kmeans.fit import FitParams, chunk_order, draw_sample, fit_chunk, init_chain
 from mnist_kmeans.schedule import FitPlan, KResult, lanes_of, run_chains
 
 RESTARTS = {3: 3, 5: 1, 8: 2}
@@ -74,11 +75,15 @@ def test_only_the_restart_ahead_at_the_screening_goes_on(reference, info: StoreI
         assert r.train.counts.sum() == info.n_train and r.test.counts.sum() == info.n_test
 
 
-def test_screening_inertia_is_the_exact_training_inertia_after_the_first_chunks(reference, info: StoreInfo) -> None:
-    """Restart by restart, by hand: k-means++, two fit_chunk tasks, then the inertia over every training chunk."""
+def test_screening_inertia_is_the_exact_inertia_on_the_next_chunks(reference, info: StoreInfo) -> None:
+    """Restart by restart, by hand: k-means++, two fit_chunk tasks, then the inertia over the two chunks that follow
+    in epoch 1's order, which none of them has fitted."""
     _, results = reference
     params = plan_for(info).params
     assert params.screen_chunks(info) == 2
+    order = chunk_order(info.n_chunks("train"), params.seed, 0)
+    held_out = params.screen_holdout(info)
+    assert sorted(order[2:4]) == held_out and not set(held_out) & set(order[:2])
     k = 3
     sample = draw_sample(info, max(params.init_rows(kk, info.n_train) for kk in RESTARTS), params.seed)
     for restart in range(RESTARTS[k]):
@@ -87,7 +92,7 @@ def test_screening_inertia_is_the_exact_training_inertia_after_the_first_chunks(
             state = fit_chunk(state, info, params)
         assert (state.epoch, state.chunks_done) == (0, 2)
         ssd = 0.0
-        for j in range(info.n_chunks("train")):
+        for j in held_out:
             x, y = load_chunk(info, "train", j)
             ssd += chunk_stats(x, y.astype(np.int64), [state.centers], info.n_classes)[0].inertia
         # (float32 distances: a GEMM against one set or against all restarts stacked rounds a little differently)
@@ -137,3 +142,32 @@ def test_any_lanes_give_the_same_centroids(client, reference, info: StoreInfo, t
     for k, r in results.items():
         assert np.array_equal(again[k].centers, r.centers), k
         assert again[k].trajectory == r.trajectory
+
+
+class _HeldWhenSelecting(SchedulerPlugin):
+    """Records, as each selection task starts, the state of the evaluation task of the same chunk."""
+
+    name = "held-when-selecting"
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler, self.seen = scheduler, {}
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish == "processing" and key_split(key) == "select_pass":
+            chunk = key.split("-")[1]
+            evaluation = [ts for k, ts in self.scheduler.tasks.items() if k.startswith(f"stats_eval-{chunk}-")]
+            self.seen[chunk] = [ts.state for ts in evaluation]
+
+
+def test_the_selection_pass_holds_only_the_labels_of_the_evaluation(client, info: StoreInfo, tmp_path: Path) -> None:
+    """Each evaluation chunk's statistics (with the grid's per-center sums) are released once added up and their
+    labels taken out: held to the selection pass, they grew the workers' memory with the number of rows."""
+    scheduler = client.cluster.scheduler
+    plugin = _HeldWhenSelecting(scheduler)
+    scheduler.add_plugin(plugin)
+    try:
+        run_chains(client, plan_for(info), Checkpoint.create(tmp_path / "c.zarr", info.image_shape))
+    finally:
+        scheduler.remove_plugin(name=plugin.name)
+    assert sorted(plugin.seen) == sorted(f"c{c}" for c in range(info.n_chunks("train")))
+    assert all(states in ([], ["released"], ["forgotten"]) for states in plugin.seen.values()), plugin.seen
