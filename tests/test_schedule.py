@@ -25,6 +25,7 @@ from mnist_kmeans.data.store import StoreInfo, load_chunk, open_store
 from mnist_kmeans.evaluate import chunk_stats
 from mnist_kmeans.fit import FitParams, chunk_order, draw_sample, fit_chunk, init_chain
 from mnist_kmeans.schedule import FitPlan, KResult, lanes_of, run_chains
+from tests.helpers import make_small_store
 
 RESTARTS = {3: 3, 5: 1, 8: 2}
 EPOCHS, LLOYD = 2, 2
@@ -171,3 +172,41 @@ def test_the_selection_pass_holds_only_the_labels_of_the_evaluation(client, info
         scheduler.remove_plugin(name=plugin.name)
     assert sorted(plugin.seen) == sorted(f"c{c}" for c in range(info.n_chunks("train")))
     assert all(states in ([], ["released"], ["forgotten"]) for states in plugin.seen.values()), plugin.seen
+
+
+class _SumsBeforeParts(SchedulerPlugin):
+    """For each first-level sum of a pass (keys of ``group``) as it starts: whether it ranks before every chunk task
+    it adds up."""
+
+    name = "sums-before-parts"
+
+    def __init__(self, scheduler, group: str) -> None:
+        self.scheduler, self.group, self.first = scheduler, group, []
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish == "processing" and key_split(key) == self.group:
+            ts = self.scheduler.tasks[key]
+            chunks = [part for part in ts.dependencies if key_split(part.key) == self.group.removesuffix("_sum")]
+            if chunks:  # a first-level sum (the higher ones add sums)
+                self.first.append(all(ts.priority < part.priority for part in chunks))
+
+
+def test_a_pass_adds_up_its_chunks_before_it_computes_more(client, tmp_path: Path) -> None:
+    """Each sum of a pass ranks before the chunk tasks it adds up, so that it runs as soon as they exist and frees
+    them: at the parts' priority Dask ran every chunk task of a pass first and the workers held all their results
+    at once, which grew with the rows (2.7 GB at 8.1M rows; README, "Scale")."""
+    store, _ = make_small_store(tmp_path, chunk_rows=20, n_train=1600, n_test=40, h=6, w=6, n_classes=3, seed=2)
+    info = open_store(store)
+    assert info.n_chunks("train") == 80
+    plan = FitPlan(info, {4: 1, 6: 1}, 1, 1, FitParams(batch_size=20, seed=1))
+    scheduler = client.cluster.scheduler
+    plugins = [_SumsBeforeParts(scheduler, group) for group in ("stats_lloyd1_sum", "stats_eval_sum")]
+    for plugin in plugins:
+        scheduler.add_plugin(plugin, name=plugin.group)
+    try:
+        run_chains(client, plan, Checkpoint.create(tmp_path / "c.zarr", info.image_shape))
+    finally:
+        for plugin in plugins:
+            scheduler.remove_plugin(name=plugin.group)
+    for plugin in plugins:
+        assert len(plugin.first) == 10 and all(plugin.first), (plugin.group, plugin.first)  # 80 chunks, sums of 8
