@@ -63,16 +63,6 @@ class FitParams:
         """Chunks every restart fits before the restarts are compared (at least 1, at most one epoch)."""
         return int(min(info.n_chunks("train"), max(1, -(-self.screen_rows // info.chunk_rows))))
 
-    def screen_holdout(self, info: StoreInfo) -> list[int]:
-        """The training chunks on which the restarts are compared: the ``screen_chunks`` that follow the screening's
-        own in the first epoch's order (rows no restart has fitted; fewer where the epoch ends first), or every chunk
-        when the screening covers the epoch. scikit-learn's ``MiniBatchKMeans`` likewise compares its ``n_init``
-        initialisations on a validation sample, not on the whole data: the comparison costs the same at any size."""
-        n_chunks, screened = info.n_chunks("train"), self.screen_chunks(info)
-        if screened == n_chunks:
-            return list(range(n_chunks))
-        return sorted(chunk_order(n_chunks, self.seed, 0)[screened : 2 * screened])
-
     def init_rows(self, k: int, n_train: int) -> int:
         rows = self.init_size if self.init_size is not None else max(1024, 3 * k)
         return int(min(max(rows, k), n_train))

@@ -615,8 +615,7 @@ def _metrics(session: ClusterRun, results: Results) -> dict[str, Any]:
         "k_selection": results.k_selection,
         "inertia_per_epoch_note": _inertia_note(session.run.job),
         "restart_inertia_note": (
-            "exact inertia of each restart after its first screen_rows rows, on the training rows that follow them in "
-            "epoch 1 (all training rows if the screening covers the epoch); only the lowest (restart) went on"
+            "exact training inertia of each restart after its first screen_rows rows; only the lowest (restart) went on"
         ),
         "timings": results.timings,
         "cluster": {key: value for key, value in session.cluster_info.as_dict().items() if key != "embedded"},

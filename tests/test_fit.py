@@ -13,7 +13,7 @@ import pytest
 from sklearn.cluster import MiniBatchKMeans
 
 from mnist_kmeans.data.chunk_cache import clear_cache
-from mnist_kmeans.data.store import StoreInfo, load_chunk
+from mnist_kmeans.data.store import load_chunk
 from mnist_kmeans.fit import (
     ChainState,
     FitParams,
@@ -247,18 +247,3 @@ def test_a_lane_gives_each_chain_what_it_gets_alone(store_info) -> None:
     assert not np.array_equal(alone[0].centers, alone[2].centers)  # the restarts did differ
     with pytest.raises(ValueError, match="one position"):
         fit_lane([states[0], alone[1]], store_info, params)
-
-
-@pytest.mark.parametrize(("n_chunks", "screen_rows"), [(10, 1000), (10, 3000), (7, 5000), (4, 4000), (4, 9999)])
-def test_restarts_are_compared_on_chunks_none_of_them_fitted(n_chunks: int, screen_rows: int) -> None:
-    """The screening's held-out chunks follow its own in epoch 1's order; with no chunk left, every chunk counts."""
-    info = StoreInfo("mem://", n_chunks * 1000, 0, 4, (2, 2), 2, 1000, {}, "test", "id")
-    params = FitParams(batch_size=100, seed=9, screen_rows=screen_rows)
-    screened = params.screen_chunks(info)
-    order = chunk_order(n_chunks, params.seed, 0)
-    held_out = params.screen_holdout(info)
-    if screened == n_chunks:
-        assert held_out == list(range(n_chunks))
-    else:
-        assert held_out == sorted(order[screened : 2 * screened])
-        assert held_out and not set(held_out) & set(order[:screened])
