@@ -12,27 +12,16 @@ rows per K-epoch, and the peak of that sum.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.targets import watched  # noqa: E402 - after the path that makes the repository importable
+
 K_GRID = [10, 16, 36, 64, 144, 256]
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
 
 
 def measure(store: str) -> dict:
@@ -46,26 +35,8 @@ def measure(store: str) -> dict:
             "report: {centroid_grids: [36]}\n"
         )
         cmd = [sys.executable, "-m", "mnist_kmeans", "run", str(job), "--store", store, "--out", f"{tmp}/run"]
-        peak = 0
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        ps = psutil.Process(proc.pid)
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, tree_rss(ps))
-                time.sleep(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, err = proc.communicate()
-        done.set()
-        sampler.join()
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"run failed on {store}: {err.strip()}")
+        wall, memory, _ = watched(cmd)  # bench/targets.py's sampler: the run's process tree every 0.2 s
+        peak = memory["peak_rss"]
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
     k_epochs = len(K_GRID)  # one epoch for each K
     t = metrics["timings"]
