@@ -9,9 +9,9 @@ Layout (Zarr v3; only the client process writes it)::
     chains/k{K}/r{R}/lloyd        float32 (lloyd_steps, K, H*W)  centers after each full-batch Lloyd step
 
 Only the restart of a K that won the screening (``schedule.py``) has a chain here. A chain's attributes say how much
-of it is saved (``epochs_done``, ``lloyd_done``, and the two integer counters of the mini-batch state per epoch) and
-keep every restart's inertia at the screening (``screen_inertia``) and the agreement of the restarts there
-(``screen_agreement``, kselect.py). An epoch's arrays are written first and the
+of it is saved (``epochs_done``, ``lloyd_done``), hold the rest of its state per epoch (the integer counters, the rows
+fitted, the early-stopping rule's state) and keep every restart's inertia at the screening (``screen_inertia``) and
+the agreement of the restarts there (``screen_agreement``, kselect.py). An epoch's arrays are written first and the
 attributes after, all in one write of ``zarr.json`` (atomic on a local store), so an interrupted write is ignored on
 resume rather than half-used. Nothing here is a pickle: arrays and JSON only.
 
@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from mnist_kmeans.errors import UserError, one_line, shorten
-from mnist_kmeans.fit import ChainState
+from mnist_kmeans.fit import ChainState, Convergence
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,38 @@ class CheckpointLayout:
             values = attrs.get(key, [])
             if not isinstance(values, list) or not all(_finite_number(v) for v in values):
                 raise UserError(f"{name}: damaged checkpoint (attribute {key} holds a value that is not finite)")
-        for key in ("n_since_last_reassign", "n_steps"):
+        for key in _COUNTERS:
             if any(v < 0 for v in attrs[key][:epochs_done]):
                 raise UserError(f"{name}: damaged checkpoint (attribute {key} holds a negative count)")
+
+
+# A chain's attributes with one entry per saved epoch: the integer counters of its state, and its Convergence.
+_COUNTERS = ("n_since_last_reassign", "n_steps", "rows_fitted")
+_PER_EPOCH = (*_COUNTERS, "convergence")
+
+
+def _per_epoch(state: ChainState) -> dict[str, object]:
+    """The values of :data:`_PER_EPOCH` for the epoch ``state`` ends (JSON: the Convergence as a mapping)."""
+    conv = state.convergence
+    convergence = {"ewa": conv.ewa, "best": conv.best, "no_improvement": conv.no_improvement, "stopped": conv.stopped}
+    return {
+        "n_since_last_reassign": state.n_since_last_reassign,
+        "n_steps": state.n_steps,
+        "rows_fitted": state.rows_fitted,
+        "convergence": convergence,
+    }
+
+
+def _convergence(saved: object) -> Convergence:
+    """A saved Convergence (see :func:`_per_epoch`); ValueError if it is not one."""
+    if not isinstance(saved, dict) or set(saved) != {"ewa", "best", "no_improvement", "stopped"}:
+        raise ValueError(f"convergence holds {shorten(saved)}")
+    ewa, best, count, stopped = saved["ewa"], saved["best"], saved["no_improvement"], saved["stopped"]
+    if not all(v is None or _finite_number(v) for v in (ewa, best)) or (ewa is None) != (best is None):
+        raise ValueError(f"convergence holds {shorten(saved)}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0 or not isinstance(stopped, bool):
+        raise ValueError(f"convergence holds {shorten(saved)}")
+    return Convergence(ewa, best, count, stopped)
 
 
 def _finite_number(value: object) -> bool:
@@ -159,7 +188,7 @@ class Checkpoint:
     def _new_chain(self, name: str, k: int, epochs: int, lloyd_steps: int, n_features: int) -> zarr.Group:
         g = self.group.create_group(
             name,
-            attributes={"epochs_done": 0, "lloyd_done": 0, "n_since_last_reassign": [], "n_steps": []},
+            attributes={"epochs_done": 0, "lloyd_done": 0, **{key: [] for key in _PER_EPOCH}},
             overwrite=True,
         )
         g.create_array("centers", shape=(epochs, k, n_features), dtype="float32", chunks=(1, k, n_features))
@@ -192,8 +221,7 @@ class Checkpoint:
             g.update_attributes(
                 {
                     "epochs_done": state.epoch,
-                    "n_since_last_reassign": attrs["n_since_last_reassign"][:e] + [state.n_since_last_reassign],
-                    "n_steps": attrs["n_steps"][:e] + [state.n_steps],
+                    **{key: attrs[key][:e] + [value] for key, value in _per_epoch(state).items()},
                     "screen_inertia": [float(v) for v in screen_inertia or []],
                     "screen_agreement": [float(v) for v in screen_agreement or []],
                 }
@@ -253,14 +281,15 @@ class Checkpoint:
                 raise ValueError(
                     f"arrays of shapes {centers.shape}, {counts.shape}, {lloyd.shape} do not hold K={k} centers"
                 )
-            for key in ("n_since_last_reassign", "n_steps"):
+            for key in _PER_EPOCH:
                 values = a[key]
-                if (
-                    not isinstance(values, list)
-                    or len(values) < epochs_done
-                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in values[:epochs_done])
-                ):
+                if not isinstance(values, list) or len(values) < epochs_done:
+                    raise ValueError(f"{key} does not hold a value for each of the {epochs_done} saved epochs")
+            for key in _COUNTERS:
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in a[key][:epochs_done]):
                     raise ValueError(f"{key} does not hold an integer for each of the {epochs_done} saved epochs")
+            for value in a["convergence"][:epochs_done]:
+                _convergence(value)
             for key in ("screen_inertia", "screen_agreement"):
                 screen = a.get(key, [])
                 if not isinstance(screen, list) or not all(isinstance(v, (int, float)) for v in screen):
@@ -288,6 +317,8 @@ class Checkpoint:
             counts=np.asarray(g["counts"][done - 1]),
             n_since_last_reassign=int(g.attrs["n_since_last_reassign"][done - 1]),
             n_steps=int(g.attrs["n_steps"][done - 1]),
+            rows_fitted=int(g.attrs["rows_fitted"][done - 1]),
+            convergence=_convergence(g.attrs["convergence"][done - 1]),
         )
 
     def epoch_centers(self, k: int, restart: int) -> np.ndarray:

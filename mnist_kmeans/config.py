@@ -47,6 +47,9 @@ class JobConfig:
     n_init: int | str = "auto"
     lloyd_steps: int = 5  # the fewest that reach 1.01x converged Lloyd at every K for seeds 0-2 (README)
     screen_rows: int = 10_000
+    # Early stopping per chain (fit.Convergence), in chunks; None: every chain fits all its epochs (README, "Early
+    # stopping": off by default, since it trades inertia for time).
+    max_no_improvement: int | None = None
     seed: int = 0
     centroid_grids: tuple[int, ...] = (36,)
 
@@ -74,6 +77,7 @@ class JobConfig:
             "n_init": self.n_init,
             "lloyd_steps": self.lloyd_steps,
             "screen_rows": self.screen_rows,
+            "max_no_improvement": self.max_no_improvement,
             "seed": self.seed,
             "report": {"centroid_grids": list(self.centroid_grids)},
         }
@@ -176,6 +180,11 @@ class _Checker:
             raise self.fail(key, f"must be <= {maximum}, got {shown(value)}")
         return value
 
+    def optional_integer(self, key: str, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        """An integer, or None where the key is absent or null."""
+        value = self.data.get(key)
+        return None if value is None else self.check_int(key, value, minimum, maximum)
+
     def text(self, key: str, default: str | None = None) -> str | None:
         value = self.data.get(key, default)
         if value is None:
@@ -243,7 +252,10 @@ def job_from_mapping(data: dict[str, Any], where: str | Path, base: Path) -> Job
     from the directory ``base``."""
     checker = _Checker(where, data)
     checker.reject_unknown(
-        {"name", "store", "k_grid", "epochs", "batch_size", "n_init", "lloyd_steps", "screen_rows", "seed", "report"}
+        {
+            *("name", "store", "k_grid", "epochs", "batch_size", "n_init", "lloyd_steps", "screen_rows"),
+            *("max_no_improvement", "seed", "report"),
+        }
     )
     name = checker.text("name") or ""
     if not name:
@@ -271,6 +283,7 @@ def job_from_mapping(data: dict[str, Any], where: str | Path, base: Path) -> Job
         ),
         lloyd_steps=checker.integer("lloyd_steps", JobConfig.lloyd_steps, minimum=0, maximum=MAX_EPOCHS),
         screen_rows=checker.integer("screen_rows", JobConfig.screen_rows, minimum=1, maximum=MAX_ROWS),
+        max_no_improvement=checker.optional_integer("max_no_improvement", minimum=1, maximum=MAX_EPOCHS),
         seed=checker.integer("seed", JobConfig.seed, minimum=0, maximum=2**32 - 1),
         centroid_grids=grids,
     )

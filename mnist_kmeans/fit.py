@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mnist_kmeans.data.store import StoreInfo, load_chunk, read_rows_at
+from mnist_kmeans.evaluate import assign
 
 if TYPE_CHECKING:
     from sklearn.cluster import MiniBatchKMeans
@@ -58,6 +59,9 @@ class FitParams:
     # goes on (schedule.py). On MNIST the ranking after 10,000 rows mostly holds to the end (README, "Restarts are
     # screened").
     screen_rows: int = 10_000
+    # Stop a chain after this many chunks in a row without a new low of its smoothed batch inertia (Convergence);
+    # None: never, as partial_fit never stops.
+    max_no_improvement: int | None = None
 
     def screen_chunks(self, info: StoreInfo) -> int:
         """Chunks every restart fits before the restarts are compared (at least 1, at most one epoch)."""
@@ -66,6 +70,37 @@ class FitParams:
     def init_rows(self, k: int, n_train: int) -> int:
         rows = self.init_size if self.init_size is not None else max(1024, 3 * k)
         return int(min(max(rows, k), n_train))
+
+
+# The weight of each new chunk in the smoothed batch inertia: an average over about the last 9 chunks (2 / (9 + 1)).
+# scikit-learn weighs each batch by 2 * batch_size / (n_samples + 1), a window of one epoch, which never stops a
+# one-epoch fit; a window in chunks stops at the same point whatever the data set's size (README, "Early stopping").
+EWA_WEIGHT = 0.2
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """The stopping rule of scikit-learn's ``MiniBatchKMeans.fit`` (its ``_mini_batch_convergence``), once per chunk.
+
+    Before a chain fits a chunk, its centers are scored on the chunk's first batch (mean squared distance, rows it has
+    not seen yet); an exponentially weighted average of those scores (:data:`EWA_WEIGHT`) smooths them; a chunk whose
+    average sets no new low counts one more *without improvement*, a new low resets the count. The chain stops once the
+    count reaches ``max_no_improvement``: it still fits the chunk that decided it, as scikit-learn fits the batch that
+    decides, and no later one. As in scikit-learn the chain's first score (of its k-means++ centers) is not counted.
+    """
+
+    ewa: float | None = None  # the smoothed score; None before the second scored chunk
+    best: float | None = None  # its lowest value so far
+    no_improvement: int = 0  # chunks in a row whose smoothed score was not a new low
+    stopped: bool = False
+
+    def after(self, score: float, max_no_improvement: int) -> Convergence:
+        """The rule's state after one more chunk's score."""
+        ewa = score if self.ewa is None else self.ewa * (1 - EWA_WEIGHT) + score * EWA_WEIGHT
+        improved = self.best is None or ewa < self.best
+        no_improvement = 0 if improved else self.no_improvement + 1
+        best = ewa if improved else self.best
+        return Convergence(ewa, best, no_improvement, no_improvement >= max_no_improvement)
 
 
 @dataclass(frozen=True)
@@ -83,6 +118,8 @@ class ChainState:
     counts: np.ndarray  # float32 (K,): rows seen by each center, scikit-learn's per-center learning rate
     n_since_last_reassign: int
     n_steps: int
+    rows_fitted: int = 0  # training rows partial_fit has seen, over every epoch
+    convergence: Convergence = Convergence()  # the early-stopping rule's state (used with max_no_improvement)
 
 
 class Purpose(IntEnum):
@@ -183,16 +220,16 @@ def restore_model(state: ChainState, params: FitParams, random_state: np.random.
     return model
 
 
-def snapshot(model: MiniBatchKMeans, state: ChainState, *, epoch: int, chunks_done: int) -> ChainState:
-    """The :class:`ChainState` of ``model`` after it advanced from ``state``."""
+def snapshot(model: MiniBatchKMeans, state: ChainState, **changes: object) -> ChainState:
+    """The :class:`ChainState` of ``model`` after it advanced from ``state``; ``changes``: the state's other fields
+    that moved (its position, rows fitted, convergence)."""
     return dataclasses.replace(
         state,
-        epoch=epoch,
-        chunks_done=chunks_done,
         centers=np.asarray(model.cluster_centers_, dtype=np.float32),
         counts=np.asarray(model._counts, dtype=np.float32),
         n_since_last_reassign=int(model._n_since_last_reassign),
         n_steps=int(model.n_steps_),
+        **changes,
     )
 
 
@@ -212,6 +249,14 @@ def next_chunk(state: ChainState, n_chunks: int, seed: int) -> int:
     return chunk_order(n_chunks, seed, state.epoch)[state.chunks_done]
 
 
+def next_position(state: ChainState, n_chunks: int) -> dict[str, int]:
+    """The chain's ``epoch`` and ``chunks_done`` once it has visited its next chunk."""
+    done = state.chunks_done + 1
+    if done == n_chunks:
+        return {"epoch": state.epoch + 1, "chunks_done": 0}
+    return {"epoch": state.epoch, "chunks_done": done}
+
+
 def fit_chunk(state: ChainState, info: StoreInfo, params: FitParams) -> ChainState:
     """One task: ``partial_fit`` on the consecutive mini-batches of the chain's next training chunk."""
     return fit_lane((state,), info, params)[0]
@@ -220,12 +265,15 @@ def fit_chunk(state: ChainState, info: StoreInfo, params: FitParams) -> ChainSta
 def fit_lane(states: Sequence[ChainState], info: StoreInfo, params: FitParams) -> tuple[ChainState, ...]:
     """One task: every chain of a lane (all at the same position) advanced by the chunk they visit next, read once.
 
-    Each chain's result is what :func:`fit_chunk` gives it alone: which chains share a lane changes nothing.
+    Each chain's result is what :func:`fit_chunk` gives it alone: which chains share a lane changes nothing. A lane
+    whose chains have all stopped (:class:`Convergence`) only moves them on, without reading the chunk.
     """
     positions = {(state.epoch, state.chunks_done) for state in states}
     if len(positions) != 1:
         raise ValueError(f"a lane's chains must be at one position, not {sorted(positions)}")
     n_chunks = info.n_chunks("train")
+    if all(state.convergence.stopped for state in states):
+        return tuple(dataclasses.replace(state, **next_position(state, n_chunks)) for state in states)
     chunk = next_chunk(states[0], n_chunks, params.seed)
     x, _ = load_chunk(info, "train", chunk)
     return tuple(advance(state, x, chunk, n_chunks, params) for state in states)
@@ -236,10 +284,13 @@ def advance(state: ChainState, x: np.ndarray, chunk: int, n_chunks: int, params:
 
     Rows keep their stored order (MNIST's is already mixed; the chunk order of each epoch is seeded), so every batch is
     a view of the cached chunk: no copy. The random reassignments of empty or tiny clusters draw from a generator
-    seeded for this (chain, epoch, chunk).
+    seeded for this (chain, epoch, chunk). A chain that has stopped (:class:`Convergence`) only moves on.
     """
     import sklearn
 
+    if state.convergence.stopped:
+        return dataclasses.replace(state, **next_position(state, n_chunks))
+    convergence = scored(state, x, params)
     rng = np.random.RandomState(derive_seed(params.seed, Purpose.REASSIGN, state.k, state.restart, state.epoch, chunk))
     model = restore_model(state, params, rng)
     # The rows come from a uint8 store (always finite) and the parameters were validated with the job file:
@@ -247,7 +298,15 @@ def advance(state: ChainState, x: np.ndarray, chunk: int, n_chunks: int, params:
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         for rows in batches(len(x), params.batch_size):
             model.partial_fit(x[rows])
-    done = state.chunks_done + 1
-    if done == n_chunks:
-        return snapshot(model, state, epoch=state.epoch + 1, chunks_done=0)
-    return snapshot(model, state, epoch=state.epoch, chunks_done=done)
+    return snapshot(
+        model, state, **next_position(state, n_chunks), rows_fitted=state.rows_fitted + len(x), convergence=convergence
+    )
+
+
+def scored(state: ChainState, x: np.ndarray, params: FitParams) -> Convergence:
+    """The chain's :class:`Convergence` once its centers are scored on the first batch of ``x``, which it is about to
+    fit; unchanged without ``max_no_improvement`` and at the chain's first chunk (k-means++ centers: not counted)."""
+    if params.max_no_improvement is None or state.rows_fitted == 0:
+        return state.convergence
+    _, dist = assign(x[batches(len(x), params.batch_size)[0]], state.centers)
+    return state.convergence.after(float(dist.mean(dtype=np.float64)), params.max_no_improvement)

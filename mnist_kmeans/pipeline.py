@@ -484,7 +484,12 @@ def plan_of(job: JobConfig, info: StoreInfo) -> FitPlan:
         restarts={k: job.restarts(k) for k in job.k_grid},
         epochs=job.epochs,
         lloyd_steps=job.lloyd_steps,
-        params=FitParams(batch_size=job.batch_size, seed=job.seed, screen_rows=job.screen_rows),
+        params=FitParams(
+            batch_size=job.batch_size,
+            seed=job.seed,
+            screen_rows=job.screen_rows,
+            max_no_improvement=job.max_no_improvement,
+        ),
     )
 
 
@@ -533,6 +538,7 @@ def _result_row(result: KResult, job: JobConfig, scores: dict[str, float], mappi
         "inertia_test": result.test.inertia,
         "inertia_per_epoch": result.trajectory,
         "fit_seconds": round(result.fit_seconds, 3),
+        "fit_rows": result.fit_rows,
         **{name: result.selection.get(name) for name in CRITERIA},
         # how far the restarts agree at the screening (kselect.restart_agreement); null with one restart
         "restart_ari_mean": float(np.mean(result.restart_agreement)) if result.restart_agreement else None,

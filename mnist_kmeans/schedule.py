@@ -96,6 +96,7 @@ class KResult:
     fit_seconds: float
     restart_agreement: list[float] = field(default_factory=list)  # ARI of each pair of restarts (Screening)
     selection: dict[str, float | None] = field(default_factory=dict)  # kselect.selection_scores
+    fit_rows: int = 0  # training rows the chosen chain's partial_fit saw (fewer than epochs * n_train if it stopped)
 
 
 # --- the tasks this module adds (module-level: they run on the workers) ----------------------------------------------
@@ -280,6 +281,7 @@ class _KRecord:
     restart_inertia: dict[int, float] = field(default_factory=dict)  # each restart's, at the screening
     restart_agreement: list[float] = field(default_factory=list)  # Screening.agreement
     selection: dict[str, float | None] = field(default_factory=dict)
+    fit_rows: int = 0  # of the chosen chain, as of its last epoch end seen
     epoch_inertia: list[float] = field(default_factory=list)  # after epochs 1..E-1, then after epoch E
     lloyd_inertia: list[float] = field(default_factory=list)  # after Lloyd steps 1..L-1 (inputs of later passes)
     train: PassStats | None = None
@@ -315,6 +317,7 @@ class _KRecord:
             seconds,
             self.restart_agreement,
             self.selection,
+            self.fit_rows,
         )
 
 
@@ -473,6 +476,7 @@ class _Scheduler:
         attrs = ckpt.chain_attrs(k, restart)
         record.restart_inertia = dict(enumerate(attrs.get("screen_inertia", [])))
         record.restart_agreement = list(attrs.get("screen_agreement", []))
+        record.fit_rows = int(attrs["rows_fitted"][epochs_done - 1])
         if lloyd_done:
             record.epoch_inertia = list(attrs["epoch_inertia"])
             record.lloyd_inertia = list(attrs["lloyd_inertia"])[: lloyd_done - 1]
@@ -709,8 +713,10 @@ class _Scheduler:
         self.on_save(record, watched, result)
 
     def on_save(self, record: _KRecord, watched: Watched, result: _Result) -> None:
+        state: ChainState = result.part(watched.index)
+        record.fit_rows = state.rows_fitted
         self.ckpt.save_epoch(
-            result.part(watched.index),
+            state,
             self.plan.epochs,
             self.plan.lloyd_steps,
             screen_inertia=record.screen_inertia(),

@@ -431,6 +431,7 @@ def assert_states_equal(a: ChainState, b: ChainState) -> None:
     assert np.array_equal(a.centers, b.centers)
     assert np.array_equal(a.counts, b.counts)
     assert (a.n_since_last_reassign, a.n_steps) == (b.n_since_last_reassign, b.n_steps)
+    assert (a.rows_fitted, a.convergence) == (b.rows_fitted, b.convergence)
 
 
 def first_state(info, k: int, restart: int, params: FitParams) -> ChainState:

@@ -132,3 +132,42 @@ def test_the_restarts_agreement_is_kept_and_checked(tmp_path: Path, damage: obje
     ckpt.group["chains/k3/r1"].update_attributes({"screen_agreement": damage})
     with pytest.raises(UserError, match="screen_agreement"):
         Checkpoint.open(path, CheckpointLayout((10, 10), {3: 3}, 2, 1))
+
+
+def test_early_stopping_state_goes_through_a_checkpoint(store_info, tmp_path: Path) -> None:
+    """With ``max_no_improvement`` the rule's state (and the rows fitted) are saved per epoch: the loaded chain
+    stops where the one that never left memory stops."""
+    params = FitParams(batch_size=100, seed=3, max_no_improvement=2)
+    s1 = run_epoch(first_state(store_info, 5, 0, params), store_info, params)
+    assert s1.convergence.ewa is not None
+    straight = run_epoch(run_epoch(s1, store_info, params), store_info, params)
+    ckpt = Checkpoint.create(tmp_path / "centroids.zarr", store_info.image_shape)
+    ckpt.save_epoch(s1, 3, 1)
+    loaded = Checkpoint.open(tmp_path / "centroids.zarr").load_state(5, 0)
+    assert_states_equal(loaded, s1)
+    assert_states_equal(run_epoch(run_epoch(loaded, store_info, params), store_info, params), straight)
+    assert straight.convergence.stopped and straight.rows_fitted < 3 * store_info.n_train  # it did stop
+
+
+@pytest.mark.parametrize(
+    ("key", "damage"),
+    [
+        ("rows_fitted", [-3]),
+        ("rows_fitted", ["7"]),
+        ("convergence", [{"ewa": 1.0}]),
+        ("convergence", [{"ewa": None, "best": 2.0, "no_improvement": 0, "stopped": False}]),
+        ("convergence", [{"ewa": 1.0, "best": 1.0, "no_improvement": -1, "stopped": False}]),
+        ("convergence", [{"ewa": 1.0, "best": 1.0, "no_improvement": 0, "stopped": "no"}]),
+        ("convergence", []),
+    ],
+)
+def test_a_damaged_early_stopping_state_is_refused(tmp_path: Path, key: str, damage: object) -> None:
+    from mnist_kmeans.errors import UserError
+
+    path = tmp_path / "centroids.zarr"
+    state = ChainState(3, 0, 1, 0, np.ones((3, 100), np.float32), np.ones(3, np.float32), 2, 5, 640)
+    Checkpoint.create(path, (10, 10)).save_epoch(state, 2, 1)
+    assert Checkpoint.open(path).load_state(3, 0).rows_fitted == 640
+    Checkpoint.open(path).group["chains/k3/r0"].update_attributes({key: damage})
+    with pytest.raises(UserError, match=f"chains/k3/r0: damaged checkpoint .*{key}"):
+        Checkpoint.open(path, CheckpointLayout((10, 10), {3: 1}, 2, 1))

@@ -56,6 +56,7 @@ def test_job_defaults(tmp_path: Path) -> None:
         0,
     )
     assert job.restarts(3) >= 1 and job.restarts(64) >= 1
+    assert job.max_no_improvement is None  # no early stopping unless asked for
 
 
 @pytest.mark.parametrize(
@@ -70,6 +71,8 @@ def test_job_defaults(tmp_path: Path) -> None:
         ),
         (MINIMAL + "n_init: 3\n", {"n_init": 3}),
         (MINIMAL + "screen_rows: 500\n", {"screen_rows": 500}),
+        (MINIMAL + "max_no_improvement: 10\n", {"max_no_improvement": 10}),
+        (MINIMAL + "max_no_improvement:\n", {"max_no_improvement": None}),  # null: never stop
         (MINIMAL + "n_init: auto\n", {"n_init": "auto"}),
         (MINIMAL + "store: s3://bucket/mnist.zarr\n", {"store": "s3://bucket/mnist.zarr"}),
         (MINIMAL + "report:\n  centroid_grids: [6, 3]\n", {"centroid_grids": (6, 3)}),
@@ -136,6 +139,10 @@ BAD_JOBS = [
     ("name: j\nk_grid: [3]\nlloyd_steps: -1\n", ["lloyd_steps"]),
     ("name: j\nk_grid: [3]\nscreen_rows: 0\n", ["screen_rows"]),
     ("name: j\nk_grid: [3]\nscreen_rows: many\n", ["screen_rows"]),
+    ("name: j\nk_grid: [3]\nmax_no_improvement: 0\n", ["max_no_improvement", ">= 1"]),
+    ("name: j\nk_grid: [3]\nmax_no_improvement: 10001\n", ["max_no_improvement", "<= 10000"]),
+    ("name: j\nk_grid: [3]\nmax_no_improvement: 2.5\n", ["max_no_improvement", "integer"]),
+    ("name: j\nk_grid: [3]\nmax_no_improvement: true\n", ["max_no_improvement", "integer"]),
     ("name: j\nk_grid: [3]\nseed: -1\n", ["seed"]),
     ("name: j\nk_grid: [3]\nseed: 4294967296\n", ["seed"]),
     ("name: j\nk_grid: [3]\nseed: abc\n", ["seed"]),

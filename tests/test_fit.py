@@ -15,7 +15,9 @@ from sklearn.cluster import MiniBatchKMeans
 from mnist_kmeans.data.chunk_cache import clear_cache
 from mnist_kmeans.data.store import load_chunk
 from mnist_kmeans.fit import (
+    EWA_WEIGHT,
     ChainState,
+    Convergence,
     FitParams,
     Purpose,
     batches,
@@ -247,3 +249,92 @@ def test_a_lane_gives_each_chain_what_it_gets_alone(store_info) -> None:
     assert not np.array_equal(alone[0].centers, alone[2].centers)  # the restarts did differ
     with pytest.raises(ValueError, match="one position"):
         fit_lane([states[0], alone[1]], store_info, params)
+
+
+# --- early stopping (Convergence) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_no_improvement", [1, 3])
+def test_convergence_is_scikit_learns_stopping_rule(max_no_improvement: int) -> None:
+    """Score by score, the rule stops where ``MiniBatchKMeans._mini_batch_convergence`` stops when its weight
+    2 * batch_size / (n_samples + 1) is ours (batch_size 1, n_samples 9), and holds its numbers."""
+    assert 2 * 1 / (9 + 1) == EWA_WEIGHT
+    scores = np.random.RandomState(5).uniform(1.0, 2.0, size=40) + np.linspace(1.0, 0.0, 40)
+    theirs = MiniBatchKMeans(max_no_improvement=max_no_improvement, tol=0.0, verbose=0)
+    theirs._batch_size, theirs._tol = 1, 0.0
+    theirs._ewa_inertia, theirs._ewa_inertia_min, theirs._no_improvement = None, None, 0
+    ours, stops = Convergence(), []
+    # scikit-learn ignores its step 0 (the init's inertia), as fit.scored skips a chain's first chunk
+    assert not theirs._mini_batch_convergence(0, 40, 9, 0.0, 99.0)
+    for step, score in enumerate(scores, start=1):
+        stop = theirs._mini_batch_convergence(step, 40, 9, 0.0, float(score))
+        ours = ours.after(float(score), max_no_improvement)
+        assert (ours.ewa, ours.best, ours.no_improvement) == (
+            theirs._ewa_inertia,
+            theirs._ewa_inertia_min,
+            theirs._no_improvement,
+        )
+        assert ours.stopped == stop
+        stops.append(stop)
+        if stop:
+            break
+    assert stops[-1] and not any(stops[:-1])  # it did stop, once
+
+
+def test_a_chain_stops_and_then_only_moves_on(store_info) -> None:
+    """With ``max_no_improvement``, each chunk scores the centers before fitting; once stopped, a chain keeps its
+    centers and counters and only its position moves, epoch after epoch."""
+    params = FitParams(batch_size=100, seed=3, max_no_improvement=1)
+    n = store_info.n_chunks("train")
+    state = first_state(store_info, 6, 0, params)
+    trail = []
+    while not state.convergence.stopped:
+        assert state.epoch < 3, "the chain never stopped"
+        before = state
+        state = fit_chunk(state, store_info, params)
+        trail.append(state)
+        assert state.rows_fitted == before.rows_fitted + 500  # the session store's chunks: 500 rows
+        assert not np.array_equal(state.centers, before.centers)
+    assert trail[0].convergence == Convergence()  # the first chunk (k-means++ centers) is not scored
+    assert trail[1].convergence.ewa is not None and trail[-1].convergence.no_improvement == 1
+    stopped = state
+    for _ in range(n + 1):
+        moved = fit_chunk(state, store_info, params)
+        assert (moved.epoch * n + moved.chunks_done) == state.epoch * n + state.chunks_done + 1
+        assert_states_equal(moved, dataclasses.replace(stopped, epoch=moved.epoch, chunks_done=moved.chunks_done))
+        state = moved
+
+
+def test_without_max_no_improvement_nothing_is_scored(store_info) -> None:
+    params = FitParams(batch_size=100, seed=3)
+    state = first_state(store_info, 6, 0, params)
+    for _ in range(store_info.n_chunks("train") + 2):
+        state = fit_chunk(state, store_info, params)
+    assert state.convergence == Convergence() and state.epoch == 1
+    assert state.rows_fitted == store_info.n_train + 2 * 500
+
+
+def test_a_lane_of_stopped_chains_reads_no_chunk(kgrid_store, tmp_path) -> None:
+    """The next chunk's file is gone from a copy of the store: a lane whose chains all stopped moves on without it,
+    a lane with one chain still fitting fails on it."""
+    import shutil
+
+    from mnist_kmeans.data.store import StoreError, open_store
+
+    params = FitParams(batch_size=100, seed=3, max_no_improvement=1)
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(kgrid_store[0], copy)
+    info = open_store(str(copy))
+    states = [first_state(info, k, 0, params) for k in (4, 6)]
+    while not all(s.convergence.stopped for s in states):
+        assert states[0].epoch < 3, "the chains never stopped"
+        states = list(fit_lane(states, info, params))
+    gone = next_chunk(states[0], info.n_chunks("train"), params.seed)
+    for path in (copy / "train" / "images" / "c").glob(f"{gone}/*"):
+        path.unlink()
+    clear_cache()
+    moved = fit_lane(states, info, params)
+    assert [s.chunks_done for s in moved] != [s.chunks_done for s in states]
+    running = dataclasses.replace(states[1], convergence=Convergence())
+    with pytest.raises(StoreError, match=f"chunk {gone}"):
+        fit_lane([states[0], running], info, params)

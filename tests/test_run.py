@@ -58,13 +58,14 @@ CONTRACT_RESULT_KEYS = {
     "n_empty_clusters",
     "epochs",
     "fit_seconds",
+    "fit_rows",
     "calinski_harabasz",
     "davies_bouldin",
     "silhouette_sample",
     "restart_ari_mean",
     "restart_ari_min",
 }
-CONTRACT_FLOAT_KEYS = sorted(CONTRACT_RESULT_KEYS - {"k", "n_empty_clusters", "epochs"})
+CONTRACT_FLOAT_KEYS = sorted(CONTRACT_RESULT_KEYS - {"k", "n_empty_clusters", "epochs", "fit_rows"})
 CONTRACT_K_SELECTION = {
     "calinski_harabasz",
     "davies_bouldin",
@@ -242,6 +243,7 @@ def test_metrics_json_schema_and_values(local_run: Run, setup: Setup) -> None:
     for row in results:
         assert set(row) >= CONTRACT_RESULT_KEYS, CONTRACT_RESULT_KEYS - set(row)
         assert type(row["k"]) is int and type(row["n_empty_clusters"]) is int and row["epochs"] == EPOCHS
+        assert row["fit_rows"] == EPOCHS * 3000  # no early stopping by default: every epoch, every row
         for key in CONTRACT_FLOAT_KEYS:
             assert isinstance(row[key], float) and np.isfinite(row[key]), key
         for key in ("homogeneity", "completeness", "v_measure", "nmi", "accuracy_train", "accuracy_test"):
@@ -308,6 +310,20 @@ def test_job_yaml_and_manifest(local_run: Run, setup: Setup) -> None:
 
 
 # --- (c) determinism -------------------------------------------------------------------------------------------------
+
+
+def test_early_stopping_from_the_job_file(setup: Setup, tmp_path: Path) -> None:
+    """``max_no_improvement`` of a job file reaches every chain: some stop before their last epoch, metrics.json and
+    the report say how many rows each fitted, job.yaml keeps the setting for --resume."""
+    job = tmp_path / "stop.yaml"
+    job.write_text(job_text("stop-test", epochs=3, max_no_improvement=1))
+    run = run_job_cli(setup, tmp_path / "run", job=job)
+    assert_ok(run)
+    rows = {r["k"]: r["fit_rows"] for r in json.loads((run.run_dir / "metrics.json").read_text())["results"]}
+    assert any(n < 3 * 3000 for n in rows.values()) and all(0 < n <= 3 * 3000 for n in rows.values()), rows
+    assert yaml.safe_load((run.run_dir / "job.yaml").read_text())["max_no_improvement"] == 1
+    page = (run.run_dir / "report.html").read_text()
+    assert "rows fitted" in page and all(f"<td>{n:,}</td>" in page for n in rows.values())
 
 
 def test_same_job_same_seed_same_centroids(local_run: Run, setup: Setup) -> None:

@@ -141,6 +141,60 @@ def test_any_lanes_give_the_same_centroids(client, reference, info: StoreInfo, t
         assert again[k].trajectory == r.trajectory
 
 
+def stopping_plan(info: StoreInfo, lanes: int | None = None) -> FitPlan:
+    """Three epochs, each chain stopped after one chunk without a new low of its smoothed batch inertia."""
+    plan = plan_for(info)
+    return dataclasses.replace(
+        plan, epochs=3, lanes=lanes, params=dataclasses.replace(plan.params, max_no_improvement=1)
+    )
+
+
+@pytest.fixture(scope="module")
+def stopping(client: Client, info: StoreInfo, tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("stopping") / "centroids.zarr"
+    return path, {r.k: r for r in run_chains(client, stopping_plan(info), Checkpoint.create(path, info.image_shape))}
+
+
+def test_early_stopping_stops_chains_and_keeps_their_centers(stopping, info: StoreInfo) -> None:
+    path, results = stopping
+    ckpt = Checkpoint.open(path)
+    stopped = [k for k, r in results.items() if r.fit_rows < 3 * info.n_train]
+    assert stopped, {k: r.fit_rows for k, r in results.items()}  # the rule did stop some chain
+    for k, r in results.items():
+        assert r.fit_rows % 500 == 0 and r.fit_rows > 0  # whole chunks (the session store's: 500 rows)
+        if r.fit_rows <= 2 * info.n_train:  # stopped before its last epoch: later epochs leave it where it was
+            epochs = ckpt.epoch_centers(k, r.restart)
+            assert np.array_equal(epochs[2], epochs[1]), k
+            # (the same centers at another column of the epochs' stacked product: the same inertia to rounding)
+            assert r.trajectory[2] == pytest.approx(r.trajectory[1], rel=1e-7), (k, r.trajectory)
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_early_stopping_gives_the_same_centroids_on_any_lanes(
+    client, stopping, info: StoreInfo, tmp_path: Path, lanes: int
+) -> None:
+    _, results = stopping
+    again = run_chains(client, stopping_plan(info, lanes), Checkpoint.create(tmp_path / "c.zarr", info.image_shape))
+    for r in again:
+        assert np.array_equal(r.centers, results[r.k].centers), r.k
+        assert (r.fit_rows, r.trajectory) == (results[r.k].fit_rows, results[r.k].trajectory)
+
+
+def test_early_stopping_resumed_after_an_epoch_gives_the_same_centroids(
+    client, stopping, info: StoreInfo, tmp_path: Path
+) -> None:
+    path, results = stopping
+    copy = tmp_path / "centroids.zarr"
+    shutil.copytree(path, copy)
+    ckpt = Checkpoint.open(copy)
+    for k, r in results.items():
+        ckpt.group[f"chains/k{k}/r{r.restart}"].update_attributes({"epochs_done": 1, "lloyd_done": 0})
+    again = {r.k: r for r in run_chains(client, stopping_plan(info), Checkpoint.open(copy))}
+    for k, r in results.items():
+        assert np.array_equal(again[k].centers, r.centers), k
+        assert again[k].fit_rows == r.fit_rows
+
+
 class _HeldWhenSelecting(SchedulerPlugin):
     """Records, as each selection task starts, the state of the evaluation task of the same chunk."""
 

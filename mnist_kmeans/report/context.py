@@ -33,6 +33,7 @@ def _metric_row(result: Mapping[str, Any], best_k: int) -> dict[str, Any]:
         "accuracy_test": fmt_pct(result["accuracy_test"]),
         "n_empty_clusters": fmt_int(result.get("n_empty_clusters")),
         "epochs": fmt_int(result.get("epochs")),
+        "fit_rows": fmt_int(result.get("fit_rows")),
         "n_init": fmt_int(result.get("n_init")),
         "fit_seconds": fmt_secs(result.get("fit_seconds")),
     }
