@@ -258,7 +258,7 @@ def test_a_lane_gives_each_chain_what_it_gets_alone(store_info) -> None:
 def test_convergence_is_scikit_learns_stopping_rule(max_no_improvement: int) -> None:
     """Score by score, the rule stops where ``MiniBatchKMeans._mini_batch_convergence`` stops when its weight
     2 * batch_size / (n_samples + 1) is ours (batch_size 1, n_samples 9), and holds its numbers."""
-    assert 2 * 1 / (9 + 1) == EWA_WEIGHT
+    assert EWA_WEIGHT == 2 * 1 / (9 + 1)
     scores = np.random.RandomState(5).uniform(1.0, 2.0, size=40) + np.linspace(1.0, 0.0, 40)
     theirs = MiniBatchKMeans(max_no_improvement=max_no_improvement, tol=0.0, verbose=0)
     theirs._batch_size, theirs._tol = 1, 0.0
