@@ -16,6 +16,8 @@ that all see the same machine state; medians over the reps:
   n_init: 1, lloyd_steps: 0``) on the 1.2M / 8.1M-row stores; ``fit_s + evaluate_s`` from metrics.json against the
   FLOP floor (two passes of the grid's distance products over the training rows plus one over the test rows, at
   the GEMM peak of the same rep), and the peak resident memory of all its processes (sampled every 0.2 s).
+- ``scale-big-stop``: ``scale-big`` with early stopping (``max_no_improvement: --stop``, default 3): the same
+  ratio, and each K's training inertia and rows fitted against ``scale-big``'s (what stopping costs).
 - ``daskml``: dask-ml's ``Incremental(MiniBatchKMeans(k))`` over the 1.2M-row Zarr store, K after K, on a
   2-worker LocalCluster: the fits alone.
 - ``quality`` (once, not timed): the default job at every ``--seeds`` seed on the warm cluster, against the seed
@@ -154,13 +156,16 @@ def cold_run(job_file: Path, store: str) -> dict:
         wall, memory, _ = watched(cmd)
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
     t = metrics["timings"]
-    return {"wall_s": wall, **memory, "fit_eval_s": t["fit_s"] + t["evaluate_s"]}
+    per_k = {str(r["k"]): {"inertia": r["inertia"], "fit_rows": r.get("fit_rows")} for r in metrics["results"]}
+    return {"wall_s": wall, **memory, "fit_eval_s": t["fit_s"] + t["evaluate_s"], "per_k": per_k}
 
 
-def scale_run(store: str) -> dict:
+def scale_run(store: str, max_no_improvement: int | None = None) -> dict:
+    """The scale job on ``store``; with ``max_no_improvement``, with early stopping (README, "Early stopping")."""
+    stop = "" if max_no_improvement is None else f"max_no_improvement: {max_no_improvement}\n"
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "scale.yaml"
-        job.write_text(SCALE_JOB)
+        job.write_text(SCALE_JOB + stop)
         return cold_run(job, store)
 
 
@@ -285,6 +290,11 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, quality: dict 
             client = max(r["client_rss"] for r in rs) / 1e9
             row(f"{n:,} rows: peak memory, all processes (the `run` process alone)", f"{peak:.2f} GB ({client:.2f} GB)",
                 "≤ 3 GB", peak <= 3.0)  # fmt: skip
+    if runs.get("scale-big-stop") and runs.get("scale-big"):
+        fit_eval, floor = med([r["fit_eval_s"] for r in runs["scale-big-stop"]]), floor_seconds(args.big, gflops)
+        ratio = fit_eval / floor
+        row(f"1.2M job with early stopping (`max_no_improvement: {args.stop}`): fit_s + evaluate_s / FLOP floor",
+            f"{fit_eval:.1f} s / {floor:.1f} s = {ratio:.2f}x", "≤ 2.0x", ratio <= 2.0)  # fmt: skip
     if "big" in per_row and "huge" in per_row:
         ratio = per_row["huge"] / per_row["big"]
         row("8.1M / 1.2M cost per row", f"{ratio:.2f}x", "≤ 1.1x", ratio <= 1.1)
@@ -304,9 +314,22 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, quality: dict 
         n = open_store(args.big).n_train
         row(f"{n:,} rows: dask-ml Incremental fits alone / this job's fit + evaluate", f"{dml:.1f} s / {ours:.1f} s",
             "shown", True)  # fmt: skip
+    if runs.get("scale-big-stop") and runs.get("scale-big"):
+        lines += ["", stopping_table(runs)]
     if quality:
         lines += ["", quality_table(quality)]
     return lines
+
+
+def stopping_table(runs: dict[str, list[dict]]) -> str:
+    """What early stopping cost each K: rows fitted and training inertia of the stopping peer's first rep against
+    scale-big's (both runs are deterministic: every rep gives the same centroids)."""
+    full, stop = runs["scale-big"][0]["per_k"], runs["scale-big-stop"][0]["per_k"]
+    out = ["| K | rows fitted, stopping / all | training inertia, stopping / all |", "|---|---|---|"]
+    for k in K_GRID:
+        a, b = full[str(k)], stop[str(k)]
+        out.append(f"| {k} | {b['fit_rows']:,} / {a['fit_rows']:,} | {b['inertia'] / a['inertia']:.4f} |")
+    return "\n".join(out)
 
 
 def quality_table(quality: dict) -> str:
@@ -342,7 +365,10 @@ def main() -> None:
     ap.add_argument("--big", default=str(REPO / "stores/mnist1200k.zarr"))
     ap.add_argument("--huge", default=str(REPO / "stores/mnist8100k.zarr"))
     ap.add_argument("--seeds", default="0,1,2", help="job seeds of the quality table ('' for none)")
-    ap.add_argument("--skip", default="", help="peers to leave out: loop,warm,cold,scale-big,daskml,scale-huge")
+    ap.add_argument("--stop", type=int, default=3, help="max_no_improvement of the scale-big-stop peer")
+    ap.add_argument(
+        "--skip", default="", help="peers to leave out: loop,warm,cold,scale-big,scale-big-stop,daskml,scale-huge"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -351,7 +377,7 @@ def main() -> None:
             print(f"note: {getattr(args, size)} does not exist: {peer} skipped", file=sys.stderr)
             skip.add(peer)
     if "scale-big" in skip:
-        skip.add("daskml")
+        skip |= {"daskml", "scale-big-stop"}
 
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -365,6 +391,7 @@ def main() -> None:
                 "warm": lambda: run_peer("warm", args.store, cluster.address, 0),
                 "cold": lambda: cold_run(REPO / "jobs/mnist_kgrid.yaml", args.store),
                 "scale-big": lambda: scale_run(args.big),
+                "scale-big-stop": lambda: scale_run(args.big, args.stop),
                 "daskml": lambda: daskml_run(args.big),
                 "scale-huge": lambda: scale_run(args.huge),
             }
