@@ -6,7 +6,8 @@
 Peers, one process each, alternated rep after rep (gemm, loop, warm, cold, scale-big, daskml, scale-huge, ...) so
 that all see the same machine state; medians over the reps:
 
-- ``gemm``: the float32 GEMM peak on all cores (an 8192x784 by 784x526 product: the grid's centers), best of 5.
+- ``gemm``: the float32 GEMM peak on all cores (an 8192x784 by 784x526 product: the grid's centers), best of 30;
+  the table takes the best rep (a peak: a busy moment only ever lowers it, and the floor with it).
 - ``loop``: the seed notebook's loop (bench/harness.py's ``seed_loop``) on the 60,000 rows held in memory; its
   timed section, and the wall time of its whole process (start, imports, reading the data, loop, exit).
 - ``warm``: ``jobs/mnist_kgrid.yaml``'s fit + evaluate (``run.fit_and_evaluate``) from a new client process on a
@@ -15,7 +16,7 @@ that all see the same machine state; medians over the reps:
 - ``scale-big`` / ``scale-huge``: ``mnist-kmeans run`` of the grid for one epoch plus evaluation (``epochs: 1,
   n_init: 1, lloyd_steps: 0``) on the 1.2M / 8.1M-row stores; ``fit_s + evaluate_s`` from metrics.json against the
   FLOP floor (two passes of the grid's distance products over the training rows plus one over the test rows, at
-  the GEMM peak of the same rep), and the peak resident memory of all its processes (sampled every 0.2 s).
+  the best rep's GEMM peak), and the peak resident memory of all its processes (sampled every 0.2 s).
 - ``scale-big-stop``: ``scale-big`` with early stopping (``max_no_improvement: --stop``, default 3): the same
   ratio, and each K's training inertia and rows fitted against ``scale-big``'s (what stopping costs).
 - ``daskml``: dask-ml's ``Incremental(MiniBatchKMeans(k))`` over the 1.2M-row Zarr store, K after K, on a
@@ -260,11 +261,11 @@ def med(values: list[float]) -> float:
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace, quality: dict | None) -> list[str]:
-    gflops = med([r["gflops"] for r in runs["gemm"]])
+    gflops = max(r["gflops"] for r in runs["gemm"])
     lines = [
         f"machine: {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"commit {git_commit()}; medians of {args.reps} rep(s); float32 GEMM peak {gflops:.0f} GFLOP/s",
+        f"commit {git_commit()}; medians of {args.reps} rep(s); float32 GEMM peak {gflops:.0f} GFLOP/s (best rep)",
         "",
         "| target | measured | bar | met |",
         "|---|---|---|---|",

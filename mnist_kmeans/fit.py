@@ -16,6 +16,10 @@ A *lane* is several chains advanced together: every chain visits the chunks of a
 much as fitting it at K=10 (README, "Performance"); a chunk cache cannot help once the store outgrows it. Which
 chains share a lane changes no result: each chain's ``partial_fit`` calls see only its own state and the chunk.
 
+With early stopping (the job's ``max_no_improvement``), a chain scores its centers on each chunk before it fits it
+and stops once that score, smoothed, no longer improves (:class:`Convergence`, scikit-learn's rule); its later
+tasks only move it on, and a lane whose chains have all stopped reads nothing.
+
 Determinism: every random choice (the init sample, k-means++, the chunk order of an epoch, the row order and the
 random reassignments inside a chunk) is drawn from a seed derived from ``(seed, K, restart, epoch, chunk)``. A
 task's result is therefore a pure function of its inputs: the same job gives the same centroids on any cluster
@@ -290,7 +294,7 @@ def advance(state: ChainState, x: np.ndarray, chunk: int, n_chunks: int, params:
 
     if state.convergence.stopped:
         return dataclasses.replace(state, **next_position(state, n_chunks))
-    convergence = scored(state, x, params)
+    convergence = scored_convergence(state, x, params)
     rng = np.random.RandomState(derive_seed(params.seed, Purpose.REASSIGN, state.k, state.restart, state.epoch, chunk))
     model = restore_model(state, params, rng)
     # The rows come from a uint8 store (always finite) and the parameters were validated with the job file:
@@ -303,7 +307,7 @@ def advance(state: ChainState, x: np.ndarray, chunk: int, n_chunks: int, params:
     )
 
 
-def scored(state: ChainState, x: np.ndarray, params: FitParams) -> Convergence:
+def scored_convergence(state: ChainState, x: np.ndarray, params: FitParams) -> Convergence:
     """The chain's :class:`Convergence` once its centers are scored on the first batch of ``x``, which it is about to
     fit; unchanged without ``max_no_improvement`` and at the chain's first chunk (k-means++ centers: not counted)."""
     if params.max_no_improvement is None or state.rows_fitted == 0:

@@ -264,7 +264,7 @@ def test_convergence_is_scikit_learns_stopping_rule(max_no_improvement: int) -> 
     theirs._batch_size, theirs._tol = 1, 0.0
     theirs._ewa_inertia, theirs._ewa_inertia_min, theirs._no_improvement = None, None, 0
     ours, stops = Convergence(), []
-    # scikit-learn ignores its step 0 (the init's inertia), as fit.scored skips a chain's first chunk
+    # scikit-learn ignores its step 0 (the init's inertia), as fit.scored_convergence skips a chain's first chunk
     assert not theirs._mini_batch_convergence(0, 40, 9, 0.0, 99.0)
     for step, score in enumerate(scores, start=1):
         stop = theirs._mini_batch_convergence(step, 40, 9, 0.0, float(score))
