@@ -265,6 +265,11 @@ class Checkpoint:
             epochs_done, lloyd_done = a["epochs_done"], a["lloyd_done"]
             if epochs_done == 0 and lloyd_done == 0 and not all(x in g for x in self._ARRAYS):
                 return 0, 0  # created in part when a write failed (a full disk): nothing of it was saved
+            if any(key not in a for key in _PER_EPOCH):  # every chain saved since early stopping has them all
+                raise UserError(
+                    f"{self.path or 'centroids.zarr'}/{name}: saved by an earlier version (no rows_fitted or "
+                    "convergence); start a new run"
+                )
             centers, counts, lloyd = g["centers"], g["counts"], g["lloyd"]
             for key, value, top in (
                 ("epochs_done", epochs_done, centers.shape[0]),

@@ -171,3 +171,18 @@ def test_a_damaged_early_stopping_state_is_refused(tmp_path: Path, key: str, dam
     Checkpoint.open(path).group["chains/k3/r0"].update_attributes({key: damage})
     with pytest.raises(UserError, match=f"chains/k3/r0: damaged checkpoint .*{key}"):
         Checkpoint.open(path, CheckpointLayout((10, 10), {3: 1}, 2, 1))
+
+
+def test_a_chain_saved_before_early_stopping_existed_is_refused(tmp_path: Path) -> None:
+    """A chain of an earlier version has no rows_fitted and convergence: a resume says so, it does not guess them."""
+    from mnist_kmeans.errors import UserError
+
+    path = tmp_path / "centroids.zarr"
+    state = ChainState(3, 0, 1, 0, np.ones((3, 100), np.float32), np.ones(3, np.float32), 2, 5, 640)
+    Checkpoint.create(path, (10, 10)).save_epoch(state, 2, 1)
+    group = Checkpoint.open(path).group["chains/k3/r0"]
+    attrs = {key: value for key, value in group.attrs.items() if key not in ("rows_fitted", "convergence")}
+    group.attrs.clear()
+    group.update_attributes(attrs)
+    with pytest.raises(UserError, match="chains/k3/r0: saved by an earlier version .*start a new run"):
+        Checkpoint.open(path).progress(3, 0)
