@@ -23,6 +23,7 @@ stays valid. What a resume reads back is checked against the arrays it indexes, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
@@ -94,26 +95,23 @@ _PER_EPOCH = (*_COUNTERS, "convergence")
 
 def _per_epoch(state: ChainState) -> dict[str, object]:
     """The values of :data:`_PER_EPOCH` for the epoch ``state`` ends (JSON: the Convergence as a mapping)."""
-    conv = state.convergence
-    convergence = {"ewa": conv.ewa, "best": conv.best, "no_improvement": conv.no_improvement, "stopped": conv.stopped}
     return {
         "n_since_last_reassign": state.n_since_last_reassign,
         "n_steps": state.n_steps,
         "rows_fitted": state.rows_fitted,
-        "convergence": convergence,
+        "convergence": dataclasses.asdict(state.convergence),
     }
 
 
 def _convergence(saved: object) -> Convergence:
     """A saved Convergence (see :func:`_per_epoch`); ValueError if it is not one."""
-    if not isinstance(saved, dict) or set(saved) != {"ewa", "best", "no_improvement", "stopped"}:
-        raise ValueError(f"convergence holds {shorten(saved)}")
-    ewa, best, count, stopped = saved["ewa"], saved["best"], saved["no_improvement"], saved["stopped"]
-    if not all(v is None or _finite_number(v) for v in (ewa, best)) or (ewa is None) != (best is None):
-        raise ValueError(f"convergence holds {shorten(saved)}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0 or not isinstance(stopped, bool):
-        raise ValueError(f"convergence holds {shorten(saved)}")
-    return Convergence(ewa, best, count, stopped)
+    if isinstance(saved, dict) and set(saved) == {"ewa", "best", "no_improvement", "stopped"}:
+        ewa, best, count, stopped = saved["ewa"], saved["best"], saved["no_improvement"], saved["stopped"]
+        averages = (ewa is None and best is None) or (_finite_number(ewa) and _finite_number(best))
+        counted = isinstance(count, int) and not isinstance(count, bool) and count >= 0
+        if averages and counted and isinstance(stopped, bool):
+            return Convergence(ewa, best, count, stopped)
+    raise ValueError(f"convergence holds {shorten(saved)}")
 
 
 def _finite_number(value: object) -> bool:

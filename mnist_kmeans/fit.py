@@ -86,11 +86,12 @@ EWA_WEIGHT = 0.2
 class Convergence:
     """The stopping rule of scikit-learn's ``MiniBatchKMeans.fit`` (its ``_mini_batch_convergence``), once per chunk.
 
-    Before a chain fits a chunk, its centers are scored on the chunk's first batch (mean squared distance, rows it has
-    not seen yet); an exponentially weighted average of those scores (:data:`EWA_WEIGHT`) smooths them; a chunk whose
-    average sets no new low counts one more *without improvement*, a new low resets the count. The chain stops once the
-    count reaches ``max_no_improvement``: it still fits the chunk that decided it, as scikit-learn fits the batch that
-    decides, and no later one. As in scikit-learn the chain's first score (of its k-means++ centers) is not counted.
+    Before a chain fits a chunk, its centers are scored on the chunk's first batch (mean squared distance, rows not
+    fitted yet in this epoch); an exponentially weighted average of those scores (:data:`EWA_WEIGHT`) smooths them; a
+    chunk whose average sets no new low counts one more *without improvement*, a new low resets the count. The chain
+    stops once the count reaches ``max_no_improvement``: it still fits the chunk that decided it, as scikit-learn fits
+    the batch that decides, and no later one. As in scikit-learn the chain's first score (of its k-means++ centers)
+    is not counted.
     """
 
     ewa: float | None = None  # the smoothed score; None before the second scored chunk
