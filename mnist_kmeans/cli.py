@@ -85,83 +85,117 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# One function per command. Imports are local so that `--help` and bad arguments answer fast, without importing dask.
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from mnist_kmeans.config import load_cluster, refuse_memory_store
+    from mnist_kmeans.data.ingest import ingest
+
+    source, store = args.source or default_source(), args.store or default_store()
+    refuse_memory_store(store)
+    options = load_cluster(args.cluster).storage  # credentials of a remote store, if the cluster file has them
+    ingest(
+        source,
+        store,
+        chunk_rows=args.chunk_rows,
+        force=args.force,
+        log=to_stderr,
+        classes=args.classes,
+        storage_options=options,
+    )
+
+
+def _run(args: argparse.Namespace) -> None:
+    from mnist_kmeans.config import load_cluster, load_job
+
+    # Validate the files before importing the numeric stack: a typo answers in a fraction of a second.
+    load_job(args.job)
+    if args.cluster is not None:
+        load_cluster(args.cluster)
+    from mnist_kmeans.pipeline import run_job
+
+    report = run_job(
+        args.job,
+        cluster_file=args.cluster,
+        scheduler=args.scheduler,
+        store=args.store,
+        out=args.out,
+        resume=args.resume,
+        argv=sys.argv,
+    )
+    print(report)
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from mnist_kmeans.config import load_job
+
+    load_job(args.job)  # before importing the numeric stack, as run does
+    from mnist_kmeans.submit import submit_job
+
+    submitted = submit_job(
+        args.job,
+        cluster_file=args.cluster,
+        scheduler=args.scheduler,
+        store=args.store,
+        out=args.out,
+        resume=args.resume,
+        argv=sys.argv,
+    )
+    print("\n".join(submitted.lines()))
+
+
+def _status(args: argparse.Namespace) -> None:
+    from mnist_kmeans.submit import job_status
+
+    print(job_status(args.run_dir).line())
+
+
+def _wait(args: argparse.Namespace) -> None:
+    from mnist_kmeans.submit import wait_job
+
+    print(wait_job(args.run_dir))
+
+
+def _cancel(args: argparse.Namespace) -> None:
+    from mnist_kmeans.submit import cancel_job
+
+    print(cancel_job(args.run_dir).line())
+
+
+def _report(args: argparse.Namespace) -> None:
+    from mnist_kmeans.report import render_report
+
+    print(render_report(args.run_dir))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from mnist_kmeans.report.compare import compare
+
+    print(compare(args.run_dirs, out=args.out))
+
+
+def _augment(args: argparse.Namespace) -> None:
+    from mnist_kmeans.data.augment import augment_command
+
+    augment_command(args)
+
+
+_COMMANDS = {
+    "ingest": _ingest,
+    "run": _run,
+    "submit": _submit,
+    "status": _status,
+    "wait": _wait,
+    "cancel": _cancel,
+    "report": _report,
+    "compare": _compare,
+    "augment": _augment,
+}
+
+
 def _dispatch(args: argparse.Namespace) -> int:
-    # Imports are local so that `--help` and bad arguments answer fast, without importing dask.
-    if args.command == "ingest":
-        from mnist_kmeans.config import load_cluster, refuse_memory_store
-        from mnist_kmeans.data.ingest import ingest
-
-        source, store = args.source or default_source(), args.store or default_store()
-        refuse_memory_store(store)
-        options = load_cluster(args.cluster).storage  # credentials of a remote store, if the cluster file has them
-        ingest(
-            source,
-            store,
-            chunk_rows=args.chunk_rows,
-            force=args.force,
-            log=to_stderr,
-            classes=args.classes,
-            storage_options=options,
-        )
-    elif args.command == "run":
-        from mnist_kmeans.config import load_cluster, load_job
-
-        # Validate the files before importing the numeric stack: a typo answers in a fraction of a second.
-        load_job(args.job)
-        if args.cluster is not None:
-            load_cluster(args.cluster)
-        from mnist_kmeans.pipeline import run_job
-
-        report = run_job(
-            args.job,
-            cluster_file=args.cluster,
-            scheduler=args.scheduler,
-            store=args.store,
-            out=args.out,
-            resume=args.resume,
-            argv=sys.argv,
-        )
-        print(report)
-    elif args.command == "submit":
-        from mnist_kmeans.config import load_job
-
-        load_job(args.job)  # before importing the numeric stack, as run does
-        from mnist_kmeans.submit import submit_job
-
-        submitted = submit_job(
-            args.job,
-            cluster_file=args.cluster,
-            scheduler=args.scheduler,
-            store=args.store,
-            out=args.out,
-            resume=args.resume,
-            argv=sys.argv,
-        )
-        print("\n".join(submitted.lines()))
-    elif args.command == "status":
-        from mnist_kmeans.submit import job_status
-
-        print(job_status(args.run_dir).line())
-    elif args.command == "wait":
-        from mnist_kmeans.submit import wait_job
-
-        print(wait_job(args.run_dir))
-    elif args.command == "cancel":
-        from mnist_kmeans.submit import cancel_job
-
-        print(cancel_job(args.run_dir).line())
-    elif args.command == "report":
-        from mnist_kmeans.report import render_report
-
-        print(render_report(args.run_dir))
-    elif args.command == "compare":
-        from mnist_kmeans.report.compare import compare
-
-        print(compare(args.run_dirs, out=args.out))
-    elif args.command == "augment":
-        from mnist_kmeans.data.augment import augment_command
-
-        augment_command(args)
+    _COMMANDS[args.command](args)
     return EXIT_OK
 
 
