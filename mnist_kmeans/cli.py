@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import warnings
@@ -220,9 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if argv is None:  # this process is the command and now exits: a second Ctrl-C changes nothing of that
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            # An interrupt inside zarr's sync leaves its coroutines unawaited; their RuntimeWarnings at exit would
-            # add lines to the one line of exit 130.
+            # An interrupt inside zarr's sync leaves its coroutines unawaited and its tasks pending; their
+            # RuntimeWarnings and asyncio's "Task was destroyed but it is pending!" at exit would add lines to the
+            # one line of exit 130.
             warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         # `run` says how to resume in the exception; ingest and augment leave no partial store behind
         to_stderr(one_line(exc) or "interrupted")
         return EXIT_INTERRUPTED

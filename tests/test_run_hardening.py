@@ -193,6 +193,31 @@ def test_ctrl_c_in_the_report_phase_leaves_nothing_that_looks_finished(tmp_path:
     assert not (out / "report.html").exists()
 
 
+CUT_SHORT_ZARR_READ = """
+import asyncio, sys
+from mnist_kmeans import cli
+
+def interrupted(args):
+    from zarr.core.sync import _get_loop
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(3600), _get_loop())  # a zarr read still pending at Ctrl-C
+    raise KeyboardInterrupt("interrupted: the one line")
+
+cli._COMMANDS["status"] = interrupted
+sys.argv = ["mnist-kmeans", "status", "run-dir"]
+sys.exit(cli.main())
+"""
+
+
+def test_ctrl_c_with_a_zarr_task_pending_is_still_one_line(tmp_path: Path) -> None:
+    """An interrupt that cuts a zarr read short leaves a task pending on zarr's event loop; asyncio's "Task was
+    destroyed but it is pending!" at exit must not add lines to exit 130 (seen once in the report phase)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CUT_SHORT_ZARR_READ], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 130
+    assert proc.stderr.strip().splitlines() == ["interrupted: the one line"], proc.stderr
+
+
 def test_report_of_a_run_cut_short_before_its_results_exits_2(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
