@@ -6,8 +6,10 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from mnist_kmeans import __version__
 from mnist_kmeans.config import default_source, default_store, scheduler_address
@@ -200,8 +202,28 @@ def _dispatch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+REDELIVER_AFTER_S = 0.05
+
+
+def _redeliver_interrupt(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of a command's process: a Ctrl-C that lands in a finalizer (a Dask future's ``__del__``
+    while the run unwinds) would be printed as "Exception ignored" and lost; it is raised again in the main thread,
+    where ``main`` turns it into exit 130 and one line. Anything else is shown as Python shows it. The signal is sent
+    again to the main thread (which wakes it from a wait) by a timer, once this hook has returned: raised here, it
+    would land in the hook and be dropped again."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        main_thread = threading.main_thread().ident
+        timer = threading.Timer(REDELIVER_AFTER_S, signal.pthread_kill, (main_thread, signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:  # this process is the command
+        sys.unraisablehook = _redeliver_interrupt
     if not (sys.argv[1:] if argv is None else argv):
         # no command at all: the usage with the commands (argparse's convention: stderr, exit 2)
         sys.stderr.write(parser.format_help())

@@ -218,6 +218,36 @@ def test_ctrl_c_with_a_zarr_task_pending_is_still_one_line(tmp_path: Path) -> No
     assert proc.stderr.strip().splitlines() == ["interrupted: the one line"], proc.stderr
 
 
+CTRL_C_IN_A_FINALIZER = """
+import sys, time
+from mnist_kmeans import cli
+
+class Finalized:
+    def __del__(self):
+        raise KeyboardInterrupt  # what a Ctrl-C does when it lands in a finalizer (a Dask future's __del__)
+
+def interrupted(args):
+    Finalized()
+    time.sleep(30)  # the run goes on unless the interrupt is raised again
+
+cli._COMMANDS["status"] = interrupted
+sys.argv = ["mnist-kmeans", "status", "run-dir"]
+sys.exit(cli.main())
+"""
+
+
+def test_ctrl_c_that_lands_in_a_finalizer_still_interrupts_in_one_line(tmp_path: Path) -> None:
+    """A second Ctrl-C while the run unwinds once landed in ``distributed.Future.__del__``: Python printed "Exception
+    ignored in …" with a traceback and dropped it. The command's process raises it again: exit 130, one line."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_A_FINALIZER], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["interrupted"], proc.stderr
+    assert time.monotonic() - t0 < 25  # interrupted, not run to its end
+
+
 def test_report_of_a_run_cut_short_before_its_results_exits_2(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
